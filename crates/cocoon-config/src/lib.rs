@@ -1,0 +1,42 @@
+//! Cocoon's configuration: one TOML file per VM flavour.
+//!
+//! A file is first parsed into [`RawConfig`] (every field optional, unknown
+//! keys rejected), then validated into [`Config`], whose fields are all
+//! resolved. Defaults live in one place: the `Default` impls of the resolved
+//! types. Errors name the file, the line and the key at fault.
+
+mod load;
+mod schema;
+
+pub use load::{default_search_paths, load, load_file, Loaded, Source, ENV_CONF_FILE};
+pub use schema::{
+    Accel, Config, GuestConfig, HypervisorConfig, Machine, RuntimeConfig, VirtiofsConfig,
+    VsockConfig, VsockTransport,
+};
+
+use std::path::PathBuf;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: invalid TOML{}: {message}", key.as_ref().map(|k| format!(" at key `{k}`")).unwrap_or_default())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        key: Option<String>,
+        message: String,
+    },
+    #[error("{path}:{line}: invalid value for `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}

@@ -1,0 +1,96 @@
+//! The agent protocol: generated from `proto/agent.proto` (ttrpc-codegen, no
+//! protoc), plus the constants both sides agree on.
+
+/// Generated message types.
+#[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_results, unused_mut)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// Generated ttrpc client and server glue.
+#[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, unused_imports, unused_results)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// Vsock port of the agent's ttrpc service.
+pub const AGENT_PORT: u32 = 1024;
+
+/// Vsock port of the agent's stdio streams. A connection starts with one
+/// header line (see [`StreamHeader`]), then carries raw bytes one way.
+pub const STREAM_PORT: u32 = 1025;
+
+/// virtio-fs tag of the sandbox's shared directory.
+pub const SHARE_TAG: &str = "cocoon";
+
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/cocoon/shared";
+
+/// Which stdio stream a stream connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Stdin => "stdin",
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// The first line of a stream connection: `<kind> <container-id> [<exec-id>]\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub kind: StreamKind,
+    pub container_id: String,
+    /// Empty for the container's init process.
+    pub exec_id: String,
+}
+
+impl StreamHeader {
+    pub fn encode(&self) -> String {
+        format!("{} {} {}\n", self.kind.as_str(), self.container_id, self.exec_id)
+    }
+
+    pub fn decode(line: &str) -> Option<Self> {
+        let mut it = line.trim_end_matches('\n').split(' ');
+        let kind = match it.next()? {
+            "stdin" => StreamKind::Stdin,
+            "stdout" => StreamKind::Stdout,
+            "stderr" => StreamKind::Stderr,
+            _ => return None,
+        };
+        let container_id = it.next().filter(|s| !s.is_empty())?.to_string();
+        let exec_id = it.next().unwrap_or("").to_string();
+        if it.next().is_some() {
+            return None;
+        }
+        Some(Self { kind, container_id, exec_id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_header_round_trips() {
+        for exec_id in ["", "e1"] {
+            let h = StreamHeader {
+                kind: StreamKind::Stderr,
+                container_id: "c1".into(),
+                exec_id: exec_id.into(),
+            };
+            assert_eq!(StreamHeader::decode(&h.encode()), Some(h));
+        }
+        assert_eq!(StreamHeader::decode("stdout \n"), None);
+        assert_eq!(StreamHeader::decode("tty c1\n"), None);
+        assert_eq!(StreamHeader::decode("stdin a b c\n"), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! Booting and owning a pod VM.
+//!
+//! [`Hypervisor::launch`] turns a [`VmSpec`] into a running [`Vm`] handle, or
+//! fails having released everything it started. The handle owns QEMU and its
+//! helper daemons (virtiofsd, and vhost-device-vsock on hosts without kernel
+//! vhost-vsock); dropping it kills them, [`Vm::shutdown`] stops them in order.
+
+pub mod host;
+mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod vsock;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use host::{HostCaps, KvmKind};
+pub use qemu::Qemu;
+pub use vsock::{VsockConnector, VsockStream};
+
+/// The accelerator a VM really runs with (after `auto` is resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+/// The vsock transport a VM really uses (after `auto` is resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedVsock {
+    /// Kernel vhost-vsock; the host connects to `cid:port` with AF_VSOCK.
+    Vhost { guest_cid: u32 },
+    /// vhost-device-vsock; the host connects to a unix socket.
+    Hybrid,
+}
+
+/// Everything needed to start one VM: the resolved configuration plus the
+/// places this VM's sockets and logs go.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub name: String,
+    pub config: cocoon_config::Config,
+    pub accel: ResolvedAccel,
+    pub vsock: ResolvedVsock,
+    /// The VM's private directory (sockets, logs).
+    pub run_dir: PathBuf,
+    /// The host directory shared with the guest over virtio-fs.
+    pub shared_dir: PathBuf,
+}
+
+impl VmSpec {
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    pub fn virtiofs_socket(&self) -> PathBuf {
+        self.run_dir.join("virtiofs.sock")
+    }
+    pub fn vsock_backend_socket(&self) -> PathBuf {
+        self.run_dir.join("vhost-vsock.sock")
+    }
+    /// The hybrid vsock's host-side unix socket.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.run_dir.join("qemu.log")
+    }
+    pub fn virtiofsd_log(&self) -> PathBuf {
+        self.run_dir.join("virtiofsd.log")
+    }
+    pub fn vsock_backend_log(&self) -> PathBuf {
+        self.run_dir.join("vhost-device-vsock.log")
+    }
+}
+
+/// Why a VM could not be started or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} not found: {path}")]
+    NotFound { what: &'static str, path: PathBuf },
+    #[error("failed to start {what} ({path})")]
+    Spawn {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} exited during start-up ({status}); last log lines:\n{log}")]
+    EarlyExit {
+        what: &'static str,
+        status: String,
+        log: String,
+    },
+    #[error("{what} did not create {path} within {timeout:?}")]
+    SocketTimeout {
+        what: &'static str,
+        path: PathBuf,
+        timeout: Duration,
+    },
+    #[error("QMP on {path}")]
+    Qmp {
+        path: PathBuf,
+        #[source]
+        source: qmp::QmpError,
+    },
+    #[error("vsock port {port}")]
+    Vsock {
+        port: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action} on {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A hypervisor backend: starts VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Starts a VM. On error, every process it started has been killed and
+    /// reaped.
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>>;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    /// The host pid of the VMM process.
+    fn pid(&self) -> u32;
+    /// How to reach the guest's vsock ports.
+    fn vsock(&self) -> &VsockConnector;
+    /// Pauses every vCPU.
+    async fn pause(&mut self) -> Result<()>;
+    /// Resumes every vCPU.
+    async fn resume(&mut self) -> Result<()>;
+    /// Waits until the VMM exits by itself (the guest powered off or died).
+    async fn wait(&mut self) -> String;
+    /// `Some(status)` once the VMM has exited.
+    fn try_wait(&mut self) -> Option<String>;
+    /// The last lines of the guest console, for error reports.
+    fn console_tail(&self, lines: usize) -> String;
+    /// Stops the VM: waits up to `grace` for the VMM to exit (the guest was
+    /// asked to power off), then quits or kills it; then stops the helper
+    /// daemons. Every process is reaped when this returns.
+    async fn shutdown(&mut self, grace: Duration);
+}

@@ -48,6 +48,8 @@ fn run(args: &[String]) -> Result<i32, String> {
             let container = builder
                 .as_init(PathBuf::from(path))
                 .with_systemd(false)
+                // The guest root is the initramfs, which pivot_root(2) cannot leave.
+                .with_no_pivot(true)
                 .with_detach(true)
                 .build()
                 .map_err(|e| format!("create container {id}: {e}"))?;

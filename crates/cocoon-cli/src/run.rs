@@ -1,0 +1,168 @@
+//! `cocoon run`: one container in one VM, with stdio forwarded, then a full
+//! teardown. The exit status is the container's.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cocoon_hypervisor::Qemu;
+use cocoon_protocols::agent::{ContainerRequest, CreateContainerRequest, ProcessRequest};
+use cocoon_protocols::StreamKind;
+use cocoon_runtime::{ctx, Sandbox, CALL_TIMEOUT};
+use tokio::io::AsyncWriteExt;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Configuration file (else $COCOON_CONF_FILE, then the default paths).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Host directory used as the container's root filesystem.
+    #[arg(long)]
+    rootfs: PathBuf,
+    /// Allocate a terminal for the container.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Environment variables (KEY=VALUE) for the command.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+const CONTAINER_ID: &str = "main";
+
+/// Exit status when Cocoon itself fails (as `docker run` and `ctr` use 125).
+const EXIT_RUNTIME_ERROR: i32 = 125;
+
+pub fn main(args: RunArgs) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cocoon run: {e}");
+            return EXIT_RUNTIME_ERROR;
+        }
+    };
+    let code = rt.block_on(async {
+        match run(args).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("cocoon run: {e:#}");
+                EXIT_RUNTIME_ERROR
+            }
+        }
+    });
+    // A blocking read of our stdin may still be pending; do not wait for it.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+fn spec_for(args: &RunArgs, rootfs_rel: &str) -> anyhow::Result<oci_spec::runtime::Spec> {
+    let mut spec = oci_spec::runtime::Spec::default();
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(args.command.clone()));
+    let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".into()];
+    if args.tty {
+        env.push("TERM=xterm".into());
+    }
+    env.extend(args.env.iter().cloned());
+    process.set_env(Some(env));
+    process.set_cwd("/".into());
+    process.set_terminal(Some(args.tty));
+    spec.set_process(Some(process));
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(rootfs_rel.into());
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+    spec.set_hostname(Some("cocoon".into()));
+    Ok(spec)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let rootfs = std::fs::canonicalize(&args.rootfs).with_context(|| format!("rootfs {}", args.rootfs.display()))?;
+    let loaded = cocoon_config::load(args.config.as_deref())?;
+    tracing::info!(source = %loaded.source, "configuration");
+    let id = format!("run-{}", std::process::id());
+
+    let interrupted = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+    };
+    tokio::pin!(interrupted);
+
+    let start = Sandbox::start(&id, &loaded.config, &Qemu);
+    let mut sandbox = tokio::select! {
+        s = start => s?,
+        _ = &mut interrupted => anyhow::bail!("interrupted while booting"),
+    };
+    let result = tokio::select! {
+        r = run_in(&mut sandbox, &args, &rootfs) => r,
+        _ = &mut interrupted => {
+            eprintln!("cocoon run: interrupted; stopping the VM");
+            Ok(130)
+        }
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        sandbox.agent().remove_container(ctx(Duration::from_secs(5)), &ContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() }),
+    )
+    .await;
+    sandbox.unshare_rootfs(CONTAINER_ID);
+    sandbox.stop().await;
+    result
+}
+
+async fn run_in(sandbox: &mut Sandbox, args: &RunArgs, rootfs: &std::path::Path) -> anyhow::Result<i32> {
+    let rel = sandbox.share_rootfs(CONTAINER_ID, rootfs)?;
+    let spec = spec_for(args, &rel)?;
+    let req = CreateContainerRequest {
+        container_id: CONTAINER_ID.into(),
+        oci_spec_json: serde_json::to_vec(&spec)?,
+        terminal: args.tty,
+        ..Default::default()
+    };
+    sandbox.agent().create_container(ctx(CALL_TIMEOUT), &req).await.context("create container")?;
+
+    let stdout = sandbox.open_stream(StreamKind::Stdout, CONTAINER_ID, "").await?;
+    let stderr = if args.tty { None } else { Some(sandbox.open_stream(StreamKind::Stderr, CONTAINER_ID, "").await?) };
+    let stdin = sandbox.open_stream(StreamKind::Stdin, CONTAINER_ID, "").await?;
+    let pump_out = tokio::spawn(async move {
+        let mut s = stdout;
+        let mut o = tokio::io::stdout();
+        let r = tokio::io::copy(&mut s, &mut o).await;
+        let _ = o.flush().await;
+        r
+    });
+    let pump_err = tokio::spawn(async move {
+        if let Some(mut s) = stderr {
+            let mut e = tokio::io::stderr();
+            let _ = tokio::io::copy(&mut s, &mut e).await;
+            let _ = e.flush().await;
+        }
+    });
+    tokio::spawn(async move {
+        let mut s = stdin;
+        let mut i = tokio::io::stdin();
+        let _ = tokio::io::copy(&mut i, &mut s).await;
+        let _ = s.shutdown().await;
+    });
+
+    sandbox
+        .agent()
+        .start_container(ctx(CALL_TIMEOUT), &ContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() })
+        .await
+        .context("start container")?;
+    let exit = sandbox
+        .agent()
+        .wait_process(ttrpc::context::Context::default(), &ProcessRequest { container_id: CONTAINER_ID.into(), ..Default::default() })
+        .await
+        .context("wait for the container")?;
+    // The container's init has exited, so its PID namespace is gone and the
+    // streams end; wait for their last bytes.
+    let _ = pump_out.await;
+    let _ = pump_err.await;
+    Ok(exit.exit_status)
+}

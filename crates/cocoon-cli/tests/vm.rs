@@ -1,0 +1,246 @@
+//! End-to-end tests of `cocoon run`: real QEMU, real virtiofsd, real
+//! vhost-device-vsock, the real guest kernel and agent.
+//!
+//! They boot VMs, so they are `#[ignore]`d in a plain `cargo test`; the
+//! project's test command (`scripts/test.sh`) runs them with
+//! `--include-ignored`. They need root, the guest image (`COCOON_GUEST_DIR`,
+//! default `/var/lib/cocoon/guest`) and a static busybox (`/bin/busybox`);
+//! a missing one fails the test with its name.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const COCOON: &str = env!("CARGO_BIN_EXE_cocoon");
+
+fn guest_dir() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("COCOON_GUEST_DIR").unwrap_or_else(|_| "/var/lib/cocoon/guest".into()));
+    assert!(
+        dir.join("vmlinuz").is_file() && dir.join("initrd.img").is_file(),
+        "no guest image in {} (run: cocoon image build --out {0})",
+        dir.display()
+    );
+    dir
+}
+
+/// A private world for one test: config, state directory, busybox rootfs.
+struct World {
+    tmp: tempfile::TempDir,
+}
+
+impl World {
+    fn new(hypervisor_toml: &str) -> Self {
+        Self::with(hypervisor_toml, "")
+    }
+
+    fn with(hypervisor_toml: &str, guest_toml: &str) -> Self {
+        let tmp = tempfile::Builder::new().prefix("cocoon-e2e-").tempdir().unwrap();
+        let busybox = Path::new("/bin/busybox");
+        assert!(busybox.is_file(), "static busybox missing at /bin/busybox (apt-get install busybox-static)");
+        let root = tmp.path().join("rootfs");
+        for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "root"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+        for applet in ["sh", "echo", "cat", "uname", "true", "head", "sha256sum", "kill", "sleep", "grep", "free"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        let state = tmp.path().join("state");
+        let config = format!(
+            "[hypervisor]\nboot_timeout_secs = 60\n{hypervisor_toml}\n[guest]\ndir = {:?}\n{guest_toml}\n[runtime]\nstate_dir = {:?}\n",
+            guest_dir(),
+            state
+        );
+        std::fs::write(tmp.path().join("cocoon.toml"), config).unwrap();
+        Self { tmp }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.tmp.path().join("cocoon.toml")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(COCOON);
+        c.arg("run").arg("--config").arg(self.config()).arg("--rootfs").arg(self.tmp.path().join("rootfs")).arg("--");
+        c.args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().unwrap();
+        self.assert_clean();
+        out
+    }
+
+    /// Nothing of this world's sandboxes is left: no process, mount or file.
+    fn assert_clean(&self) {
+        let state = self.state();
+        let state_s = state.to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&state_s)).collect();
+        assert!(left.is_empty(), "mounts left behind: {left:#?}");
+        let mut procs = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmdline.contains(&state_s) {
+                    procs.push(cmdline);
+                }
+            }
+        }
+        assert!(procs.is_empty(), "processes left behind: {procs:#?}");
+        if state.exists() {
+            let entries: Vec<_> = std::fs::read_dir(&state).unwrap().flatten().map(|e| e.path()).collect();
+            assert!(entries.is_empty(), "state left behind: {entries:?}");
+        }
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn echo_hello() {
+    let w = World::new("");
+    let o = w.run(&["echo", "hello"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "hello\n");
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn exit_code_is_propagated() {
+    let w = World::new("");
+    let o = w.run(&["sh", "-c", "echo to-stderr >&2; exit 42"]);
+    assert_eq!(o.status.code(), Some(42), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("to-stderr"), "{}", stderr(&o));
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn sigkill_reports_137() {
+    let w = World::new("");
+    let o = w.run(&["sh", "-c", "kill -9 $$"]);
+    assert_eq!(o.status.code(), Some(137), "stderr: {}", stderr(&o));
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn stdin_is_forwarded() {
+    let w = World::new("");
+    let mut child = w.cmd(&["cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let input: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.clone();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(data.as_bytes()).unwrap();
+    });
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    w.assert_clean();
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), input);
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn ten_mib_of_stdout_arrive_intact() {
+    use sha2::Digest;
+    let w = World::new("");
+    let o = w.run(&["sh", "-c", "head -c 10485760 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout.len(), 10 * 1024 * 1024);
+    let host_sum = format!("{:x}", sha2::Sha256::digest(&o.stdout));
+    let guest_sum = stderr(&o).split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(host_sum, guest_sum, "stderr: {}", stderr(&o));
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn uname_is_the_guest_kernel() {
+    let w = World::new("");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(guest_dir().join("manifest.json")).unwrap()).unwrap();
+    let guest = manifest["kernel_release"].as_str().unwrap().to_string();
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    let o = w.run(&["uname", "-r"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), guest);
+    assert_ne!(stdout(&o).trim(), host.trim());
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn microvm_flavour_runs() {
+    let w = World::new("machine = \"microvm\"\nmemory_mib = 384\n");
+    let o = w.run(&["sh", "-c", "grep MemTotal /proc/meminfo"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let kib: u64 = stdout(&o).split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(kib > 200 * 1024 && kib <= 384 * 1024, "MemTotal {kib} kB for a 384 MiB flavour");
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn two_vms_at_once_do_not_interfere() {
+    let w = World::new("");
+    let children: Vec<_> = ["alpha", "bravo"]
+        .iter()
+        .map(|tag| {
+            let script = format!("for i in 1 2 3 4 5; do echo {tag}-$i; sleep 0.2; done");
+            (tag, w.cmd(&["sh", "-c", &script]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        })
+        .collect();
+    for (tag, child) in children {
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+        let want: String = (1..=5).map(|i| format!("{tag}-{i}\n")).collect();
+        assert_eq!(stdout(&o), want);
+    }
+    w.assert_clean();
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn missing_kernel_is_a_clear_error() {
+    let w = World::with("", "kernel = \"/nonexistent/vmlinuz\"");
+    let o = w.run(&["true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("/nonexistent/vmlinuz"), "{}", stderr(&o));
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn malformed_toml_is_a_clear_error() {
+    let w = World::new("");
+    std::fs::write(w.config(), "[hypervisor]\nvcpus = 1\nmemory_mib = = 2\n").unwrap();
+    let o = w.run(&["true"]);
+    assert_eq!(o.status.code(), Some(125));
+    let msg = stderr(&o);
+    assert!(msg.contains(&format!("{}:3:", w.config().display())), "{msg}");
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn silent_guest_times_out_cleanly() {
+    // No init in the initrd and panic=0: the kernel hangs, nobody answers.
+    let w = World::new("kernel_params = \"rdinit=/nonexistent panic=0\"\n");
+    let cfg = std::fs::read_to_string(w.config()).unwrap().replace("boot_timeout_secs = 60", "boot_timeout_secs = 8");
+    std::fs::write(w.config(), cfg).unwrap();
+    let t = Instant::now();
+    let o = w.run(&["true"]);
+    let took = t.elapsed();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("did not answer within 8s"), "{}", stderr(&o));
+    assert!(took < Duration::from_secs(8 + 15), "took {took:?}");
+}

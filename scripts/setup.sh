@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Sets up Cocoon on a fresh Debian bookworm machine (as root) and runs the
+# demo: `uname -r` from inside a VM, beside the host's.
+#   - Debian packages: QEMU, containerd + runc, the build dependencies of
+#     virtiofsd, kmod/cpio for the guest image, busybox-static for the demo
+#   - the rust-vmm daemons virtiofsd and vhost-device-vsock (cargo install)
+#   - the Cocoon workspace (release), installed to /usr/local/bin
+#   - the guest image (/var/lib/cocoon/guest) and a default flavour
+#     (/etc/cocoon/configuration.toml, if there is none)
+# Re-running it skips what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh: run as root (it installs packages, and VMs need mounts)" >&2
+  exit 1
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup.sh: cargo not found; install Rust (rustup, 1.85 or newer) first" >&2
+  exit 1
+fi
+
+say "Debian packages"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+  qemu-system-x86 containerd runc \
+  libseccomp-dev libcap-ng-dev pkg-config \
+  kmod cpio busybox-static ca-certificates
+
+say "rust-vmm daemons (virtiofsd 1.14, vhost-device-vsock 0.3)"
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+export PATH="$cargo_bin:$PATH"
+installed() { cargo install --list | grep -q "^$1 v$2:"; }
+installed virtiofsd 1.14.0 || cargo install --locked virtiofsd@1.14.0
+installed vhost-device-vsock 0.3.0 || cargo install --locked vhost-device-vsock@0.3.0
+for b in virtiofsd vhost-device-vsock; do install -m 0755 "$cargo_bin/$b" /usr/local/bin/$b; done
+
+say "Cocoon (cargo build --release)"
+cargo build --release --locked --workspace
+for b in cocoon cocoon-agent; do install -m 0755 target/release/$b /usr/local/bin/$b; done
+
+say "guest image"
+cocoon image build --agent target/release/cocoon-agent --out /var/lib/cocoon/guest
+
+if [ ! -e /etc/cocoon/configuration.toml ]; then
+  install -D -m 0644 configs/q35.toml /etc/cocoon/configuration.toml
+fi
+
+say "cocoon check"
+cocoon check
+
+say "demo"
+rootfs=build/busybox-rootfs
+mkdir -p "$rootfs/bin" "$rootfs/proc" "$rootfs/sys" "$rootfs/dev" "$rootfs/tmp" "$rootfs/etc"
+cp /bin/busybox "$rootfs/bin/busybox"
+for a in sh uname echo cat; do ln -sf busybox "$rootfs/bin/$a"; done
+echo "host  kernel: $(uname -r)"
+echo "guest kernel: $(cocoon run --rootfs "$rootfs" -- uname -r)"

@@ -17,7 +17,10 @@ fn main() {
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = out.join(name);
         let text = std::fs::read_to_string(&path).expect("read generated file");
-        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).collect();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+            .collect();
         std::fs::write(&path, kept.join("\n")).expect("write generated file");
     }
     println!("cargo:rerun-if-changed=proto/agent.proto");

@@ -32,7 +32,9 @@ pub fn main(args: &[String]) -> i32 {
 
 fn run(args: &[String]) -> Result<i32, String> {
     let [op, id, path, root] = args else {
-        return Err(format!("usage: helper create|exec ID PATH ROOT (got {args:?})"));
+        return Err(format!(
+            "usage: helper create|exec ID PATH ROOT (got {args:?})"
+        ));
     };
     // SAFETY: the agent opened exactly these fds for this process, and
     // nothing else in this process owns them.

@@ -17,7 +17,9 @@ pub fn params_for(module: &str, cmdline: &str) -> String {
         .filter_map(|w| {
             let (name, rest) = w.split_once('.')?;
             let _ = rest;
-            norm(name).eq(&prefix[..prefix.len() - 1]).then(|| w[name.len() + 1..].to_string())
+            norm(name)
+                .eq(&prefix[..prefix.len() - 1])
+                .then(|| w[name.len() + 1..].to_string())
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -60,7 +62,8 @@ mod tests {
 
     #[test]
     fn module_params_come_from_cmdline() {
-        let cmdline = "console=ttyS0 virtio_mmio.device=512@0xfeb00e00:12 virtio-mmio.device=4K@0x1:5 quiet";
+        let cmdline =
+            "console=ttyS0 virtio_mmio.device=512@0xfeb00e00:12 virtio-mmio.device=4K@0x1:5 quiet";
         assert_eq!(
             params_for("virtio_mmio", cmdline),
             "device=512@0xfeb00e00:12 device=4K@0x1:5"

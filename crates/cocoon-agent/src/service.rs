@@ -110,17 +110,24 @@ pub async fn serve() -> anyhow::Result<()> {
 fn check_id(kind: &str, id: &str) -> AResult<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !id.starts_with('.');
     if ok {
         Ok(())
     } else {
-        Err(AgentError::InvalidArgument(format!("invalid {kind} id {id:?}")))
+        Err(AgentError::InvalidArgument(format!(
+            "invalid {kind} id {id:?}"
+        )))
     }
 }
 
 fn now_nanos() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn cgroup_manager(container_id: &str) -> AResult<libcgroups::common::AnyCgroupManager> {
@@ -141,7 +148,8 @@ async fn with_container<T: Send + 'static>(
     let root = Path::new(CONTAINER_ROOT).join(id);
     let id = id.to_string();
     tokio::task::spawn_blocking(move || {
-        let mut c = Container::load(root).map_err(|e| AgentError::NotFound(format!("container {id}: {e}")))?;
+        let mut c = Container::load(root)
+            .map_err(|e| AgentError::NotFound(format!("container {id}: {e}")))?;
         f(&mut c).map_err(|e| AgentError::FailedPrecondition(format!("{what} container {id}: {e}")))
     })
     .await
@@ -153,7 +161,11 @@ impl AgentService {
     /// pid it prints.
     async fn run_helper(&self, op: &str, id: &str, path: &Path, fds: [OwnedFd; 3]) -> AResult<i32> {
         let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg(crate::helper::ARG).arg(op).arg(id).arg(path).arg(CONTAINER_ROOT);
+        cmd.arg(crate::helper::ARG)
+            .arg(op)
+            .arg(id)
+            .arg(path)
+            .arg(CONTAINER_ROOT);
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -170,7 +182,10 @@ impl AgentService {
                 Ok(())
             });
         }
-        let (mut child, status) = self.reaper.spawn(&mut cmd).map_err(|e| AgentError::Internal(format!("spawn helper: {e}")))?;
+        let (mut child, status) = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|e| AgentError::Internal(format!("spawn helper: {e}")))?;
         drop(fds);
         let out = child.stdout.take();
         let err = child.stderr.take();
@@ -192,7 +207,10 @@ impl AgentService {
         if code != 0 {
             return Err(AgentError::Internal(stderr.trim().to_string()));
         }
-        stdout.trim().parse().map_err(|_| AgentError::Internal(format!("helper printed {stdout:?}")))
+        stdout
+            .trim()
+            .parse()
+            .map_err(|_| AgentError::Internal(format!("helper printed {stdout:?}")))
     }
 
     /// Starts watching `pid` and records the process.
@@ -205,17 +223,32 @@ impl AgentService {
         });
         let mut map = self.containers.lock().unwrap();
         if let Some(c) = map.get_mut(container_id) {
-            c.processes.insert(exec_id.into(), Process { pid, exit: rx, pty_master: pty.map(Arc::new) });
+            c.processes.insert(
+                exec_id.into(),
+                Process {
+                    pid,
+                    exit: rx,
+                    pty_master: pty.map(Arc::new),
+                },
+            );
         }
     }
 
-    fn process<T>(&self, container_id: &str, exec_id: &str, f: impl FnOnce(&Process) -> T) -> AResult<T> {
+    fn process<T>(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&Process) -> T,
+    ) -> AResult<T> {
         let map = self.containers.lock().unwrap();
-        let c = map.get(container_id).ok_or_else(|| AgentError::NotFound(format!("container {container_id} not found")))?;
-        let p = c
-            .processes
-            .get(exec_id)
-            .ok_or_else(|| AgentError::NotFound(format!("process {exec_id:?} of container {container_id} not found")))?;
+        let c = map
+            .get(container_id)
+            .ok_or_else(|| AgentError::NotFound(format!("container {container_id} not found")))?;
+        let p = c.processes.get(exec_id).ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "process {exec_id:?} of container {container_id} not found"
+            ))
+        })?;
         Ok(f(p))
     }
 
@@ -223,15 +256,24 @@ impl AgentService {
         self.process(container_id, "", |_| ())
     }
 
-    async fn create_container(&self, req: CreateContainerRequest) -> AResult<CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        req: CreateContainerRequest,
+    ) -> AResult<CreateContainerResponse> {
         let id = req.container_id.clone();
         check_id("container", &id)?;
         let mut spec: oci_spec::runtime::Spec = serde_json::from_slice(&req.oci_spec_json)
             .map_err(|e| AgentError::InvalidArgument(format!("OCI spec of container {id}: {e}")))?;
-        let root = spec.root().clone().ok_or_else(|| AgentError::InvalidArgument(format!("OCI spec of container {id} has no root")))?;
-        let rootfs = Path::new(cocoon_protocols::GUEST_SHARE_DIR).join(root.path().strip_prefix("/").unwrap_or(root.path()));
+        let root = spec.root().clone().ok_or_else(|| {
+            AgentError::InvalidArgument(format!("OCI spec of container {id} has no root"))
+        })?;
+        let rootfs = Path::new(cocoon_protocols::GUEST_SHARE_DIR)
+            .join(root.path().strip_prefix("/").unwrap_or(root.path()));
         if !rootfs.is_dir() {
-            return Err(AgentError::InvalidArgument(format!("rootfs {} of container {id} is not a directory", rootfs.display())));
+            return Err(AgentError::InvalidArgument(format!(
+                "rootfs {} of container {id} is not a directory",
+                rootfs.display()
+            )));
         }
         let mut root = root;
         root.set_path(rootfs);
@@ -248,9 +290,17 @@ impl AgentService {
         {
             let mut map = self.containers.lock().unwrap();
             if map.contains_key(&id) {
-                return Err(AgentError::AlreadyExists(format!("container {id} already exists")));
+                return Err(AgentError::AlreadyExists(format!(
+                    "container {id} already exists"
+                )));
             }
-            map.insert(id.clone(), ContainerEntry { bundle: Path::new(BUNDLE_ROOT).join(&id), processes: HashMap::new() });
+            map.insert(
+                id.clone(),
+                ContainerEntry {
+                    bundle: Path::new(BUNDLE_ROOT).join(&id),
+                    processes: HashMap::new(),
+                },
+            );
         }
         let result = self.create_in_bundle(&id, &spec, req.terminal).await;
         if result.is_err() {
@@ -261,17 +311,30 @@ impl AgentService {
         result
     }
 
-    async fn create_in_bundle(&self, id: &str, spec: &oci_spec::runtime::Spec, terminal: bool) -> AResult<CreateContainerResponse> {
+    async fn create_in_bundle(
+        &self,
+        id: &str,
+        spec: &oci_spec::runtime::Spec,
+        terminal: bool,
+    ) -> AResult<CreateContainerResponse> {
         let bundle = Path::new(BUNDLE_ROOT).join(id);
-        std::fs::create_dir_all(&bundle).map_err(|e| internal(format!("create {}", bundle.display()))(e.to_string()))?;
-        std::fs::create_dir_all(CONTAINER_ROOT).map_err(|e| internal(CONTAINER_ROOT)(e.to_string()))?;
-        spec.save(bundle.join("config.json")).map_err(|e| internal("write config.json")(e.to_string()))?;
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| internal(format!("create {}", bundle.display()))(e.to_string()))?;
+        std::fs::create_dir_all(CONTAINER_ROOT)
+            .map_err(|e| internal(CONTAINER_ROOT)(e.to_string()))?;
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| internal("write config.json")(e.to_string()))?;
         let made = stdio::make(terminal).map_err(|e| internal("stdio")(e.to_string()))?;
-        let pid = self.run_helper("create", id, &bundle, made.container).await?;
+        let pid = self
+            .run_helper("create", id, &bundle, made.container)
+            .await?;
         self.stdio.insert(id, "", made.host);
         self.track(id, "", pid, made.pty_master);
         tracing::info!(container = id, pid, "created");
-        Ok(CreateContainerResponse { pid: pid as u32, ..Default::default() })
+        Ok(CreateContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn exec_process(&self, req: ExecProcessRequest) -> AResult<ExecProcessResponse> {
@@ -279,12 +342,21 @@ impl AgentService {
         check_id("exec", &eid)?;
         let bundle = {
             let map = self.containers.lock().unwrap();
-            let c = map.get(&cid).ok_or_else(|| AgentError::NotFound(format!("container {cid} not found")))?;
+            let c = map
+                .get(&cid)
+                .ok_or_else(|| AgentError::NotFound(format!("container {cid} not found")))?;
             if c.processes.contains_key(&eid) {
-                return Err(AgentError::AlreadyExists(format!("exec {eid} already exists in container {cid}")));
+                return Err(AgentError::AlreadyExists(format!(
+                    "exec {eid} already exists in container {cid}"
+                )));
             }
-            if c.processes.get("").is_some_and(|p| p.exit.borrow().is_some()) {
-                return Err(AgentError::FailedPrecondition(format!("container {cid} is not running")));
+            if c.processes
+                .get("")
+                .is_some_and(|p| p.exit.borrow().is_some())
+            {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "container {cid} is not running"
+                )));
             }
             c.bundle.clone()
         };
@@ -301,13 +373,23 @@ impl AgentService {
         {
             let mut map = self.containers.lock().unwrap();
             if let Some(c) = map.get_mut(&cid) {
-                c.processes.insert(eid.clone(), Process { pid, exit: watch::channel(None).1, pty_master: None });
+                c.processes.insert(
+                    eid.clone(),
+                    Process {
+                        pid,
+                        exit: watch::channel(None).1,
+                        pty_master: None,
+                    },
+                );
             }
         }
         self.stdio.insert(&cid, &eid, made.host);
         self.track(&cid, &eid, pid, made.pty_master);
         tracing::info!(container = %cid, exec = %eid, pid, "exec");
-        Ok(ExecProcessResponse { pid: pid as u32, ..Default::default() })
+        Ok(ExecProcessResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn wait_process(&self, req: ProcessRequest) -> AResult<WaitProcessResponse> {
@@ -317,22 +399,33 @@ impl AgentService {
             .await
             .map_err(|_| AgentError::Internal("process watch closed".into()))?
             .unwrap_or((255, 0));
-        Ok(WaitProcessResponse { exit_status: exit.0, exited_at_unix_nanos: exit.1, ..Default::default() })
+        Ok(WaitProcessResponse {
+            exit_status: exit.0,
+            exited_at_unix_nanos: exit.1,
+            ..Default::default()
+        })
     }
 
     async fn signal_process(&self, req: SignalProcessRequest) -> AResult<()> {
         let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
             .map_err(|_| AgentError::InvalidArgument(format!("invalid signal {}", req.signal)))?;
-        let (pid, exited) = self.process(&req.container_id, &req.exec_id, |p| (p.pid, p.exit.borrow().is_some()))?;
+        let (pid, exited) = self.process(&req.container_id, &req.exec_id, |p| {
+            (p.pid, p.exit.borrow().is_some())
+        })?;
         if req.all {
-            let pids = cgroup_manager(&req.container_id)?.get_all_pids().map_err(|e| internal("list pids")(e.to_string()))?;
+            let pids = cgroup_manager(&req.container_id)?
+                .get_all_pids()
+                .map_err(|e| internal("list pids")(e.to_string()))?;
             for p in pids {
                 let _ = nix::sys::signal::kill(p, sig);
             }
             return Ok(());
         }
         if exited {
-            return Err(AgentError::NotFound(format!("process {pid} of container {} has exited", req.container_id)));
+            return Err(AgentError::NotFound(format!(
+                "process {pid} of container {} has exited",
+                req.container_id
+            )));
         }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
             .map_err(|e| AgentError::Internal(format!("signal {sig} to pid {pid}: {e}")))
@@ -355,7 +448,9 @@ impl AgentService {
 
     fn stats(&self, id: &str) -> AResult<StatsContainerResponse> {
         self.exists(id)?;
-        let s = cgroup_manager(id)?.stats().map_err(|e| internal(format!("stats of container {id}"))(e.to_string()))?;
+        let s = cgroup_manager(id)?
+            .stats()
+            .map_err(|e| internal(format!("stats of container {id}"))(e.to_string()))?;
         let cpu = CpuStats {
             usage_usec: s.cpu.usage.usage_total / 1000,
             user_usec: s.cpu.usage.usage_user / 1000,
@@ -377,7 +472,11 @@ impl AgentService {
             raw: m.stats.clone(),
             ..Default::default()
         };
-        let pids = PidsStats { current: s.pids.current, limit: s.pids.limit, ..Default::default() };
+        let pids = PidsStats {
+            current: s.pids.current,
+            limit: s.pids.limit,
+            ..Default::default()
+        };
         let blk = |v: &[libcgroups::stats::BlkioDeviceStat]| {
             v.iter()
                 .map(|d| BlkioEntry {
@@ -401,10 +500,18 @@ impl AgentService {
 }
 
 fn read_oom_kills(id: &str) -> u64 {
-    let path = Path::new("/sys/fs/cgroup").join(CGROUP_PARENT.trim_start_matches('/')).join(id).join("memory.events");
+    let path = Path::new("/sys/fs/cgroup")
+        .join(CGROUP_PARENT.trim_start_matches('/'))
+        .join(id)
+        .join("memory.events");
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse().ok())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -428,9 +535,16 @@ async fn watch_oom(service: Arc<AgentService>) {
 
 fn mount_share(tag: &str) -> AResult<()> {
     let target = cocoon_protocols::GUEST_SHARE_DIR;
-    std::fs::create_dir_all(target).map_err(|e| internal(format!("create {target}"))(e.to_string()))?;
-    nix::mount::mount(Some(tag), target, Some("virtiofs"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| AgentError::Internal(format!("mount virtio-fs {tag} on {target}: {e}")))
+    std::fs::create_dir_all(target)
+        .map_err(|e| internal(format!("create {target}"))(e.to_string()))?;
+    nix::mount::mount(
+        Some(tag),
+        target,
+        Some("virtiofs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| AgentError::Internal(format!("mount virtio-fs {tag} on {target}: {e}")))
 }
 
 fn ok<T>(r: AResult<T>) -> ttrpc::Result<T> {
@@ -443,11 +557,21 @@ fn ok<T>(r: AResult<T>) -> ttrpc::Result<T> {
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
     async fn ping(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<PingResponse> {
-        let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(PingResponse { agent_version: env!("CARGO_PKG_VERSION").into(), kernel_release: release, ..Default::default() })
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(PingResponse {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel_release: release,
+            ..Default::default()
+        })
     }
 
-    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         if !req.hostname.is_empty() {
             let _ = nix::unistd::sethostname(&req.hostname);
         }
@@ -463,11 +587,19 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
         ok(self.create_container(req).await)
     }
 
-    async fn start_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let r = async {
             self.exists(&req.container_id)?;
             with_container(&req.container_id, "start", |c| c.start()).await
@@ -475,11 +607,22 @@ impl agent_ttrpc::Agent for AgentService {
         ok(r.await.map(|_| Empty::new()))
     }
 
-    async fn remove_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        ok(self.remove_container(&req.container_id).await.map(|_| Empty::new()))
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        ok(self
+            .remove_container(&req.container_id)
+            .await
+            .map(|_| Empty::new()))
     }
 
-    async fn pause_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let r = async {
             self.exists(&req.container_id)?;
             with_container(&req.container_id, "pause", |c| c.pause()).await
@@ -487,7 +630,11 @@ impl agent_ttrpc::Agent for AgentService {
         ok(r.await.map(|_| Empty::new()))
     }
 
-    async fn resume_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let r = async {
             self.exists(&req.container_id)?;
             with_container(&req.container_id, "resume", |c| c.resume()).await
@@ -495,40 +642,81 @@ impl agent_ttrpc::Agent for AgentService {
         ok(r.await.map(|_| Empty::new()))
     }
 
-    async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let r = (|| {
             self.exists(&req.container_id)?;
-            let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&req.oci_resources_json)
-                .map_err(|e| AgentError::InvalidArgument(format!("resources of container {}: {e}", req.container_id)))?;
+            let resources: oci_spec::runtime::LinuxResources =
+                serde_json::from_slice(&req.oci_resources_json).map_err(|e| {
+                    AgentError::InvalidArgument(format!(
+                        "resources of container {}: {e}",
+                        req.container_id
+                    ))
+                })?;
             cgroup_manager(&req.container_id)?
-                .apply(&ControllerOpt { resources: &resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None })
-                .map_err(|e| AgentError::Internal(format!("update container {}: {e}", req.container_id)))
+                .apply(&ControllerOpt {
+                    resources: &resources,
+                    disable_oom_killer: false,
+                    oom_score_adj: None,
+                    freezer_state: None,
+                })
+                .map_err(|e| {
+                    AgentError::Internal(format!("update container {}: {e}", req.container_id))
+                })
         })();
         ok(r.map(|_| Empty::new()))
     }
 
-    async fn stats_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
         ok(self.stats(&req.container_id))
     }
 
-    async fn list_processes(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
         let r = (|| {
             self.exists(&req.container_id)?;
-            let pids = cgroup_manager(&req.container_id)?.get_all_pids().map_err(|e| internal("list pids")(e.to_string()))?;
-            Ok(ListProcessesResponse { pids: pids.iter().map(|p| p.as_raw() as u32).collect(), ..Default::default() })
+            let pids = cgroup_manager(&req.container_id)?
+                .get_all_pids()
+                .map_err(|e| internal("list pids")(e.to_string()))?;
+            Ok(ListProcessesResponse {
+                pids: pids.iter().map(|p| p.as_raw() as u32).collect(),
+                ..Default::default()
+            })
         })();
         ok(r)
     }
 
-    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
         ok(self.exec_process(req).await)
     }
 
-    async fn wait_process(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         ok(self.wait_process(req).await)
     }
 
-    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
         ok(self.signal_process(req).await.map(|_| Empty::new()))
     }
 
@@ -542,13 +730,26 @@ impl agent_ttrpc::Agent for AgentService {
         let r = (|| {
             let pty = self
                 .process(&req.container_id, &req.exec_id, |p| p.pty_master.clone())?
-                .ok_or_else(|| AgentError::FailedPrecondition(format!("process {:?} of container {} has no terminal", req.exec_id, req.container_id)))?;
-            let ws = libc::winsize { ws_row: req.rows as u16, ws_col: req.columns as u16, ws_xpixel: 0, ws_ypixel: 0 };
+                .ok_or_else(|| {
+                    AgentError::FailedPrecondition(format!(
+                        "process {:?} of container {} has no terminal",
+                        req.exec_id, req.container_id
+                    ))
+                })?;
+            let ws = libc::winsize {
+                ws_row: req.rows as u16,
+                ws_col: req.columns as u16,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
             // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which
             // outlives the call; the fd is a pty master we own.
             let rc = unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
             if rc < 0 {
-                return Err(AgentError::Internal(format!("resize tty: {}", std::io::Error::last_os_error())));
+                return Err(AgentError::Internal(format!(
+                    "resize tty: {}",
+                    std::io::Error::last_os_error()
+                )));
             }
             Ok(Empty::new())
         })();
@@ -557,6 +758,9 @@ impl agent_ttrpc::Agent for AgentService {
 
     async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<OomEvent> {
         let id = self.oom_rx.lock().await.recv().await.unwrap_or_default();
-        Ok(OomEvent { container_id: id, ..Default::default() })
+        Ok(OomEvent {
+            container_id: id,
+            ..Default::default()
+        })
     }
 }

@@ -39,15 +39,26 @@ pub fn make(terminal: bool) -> nix::Result<Made> {
         // openpty(3) leaves both ends inheritable; other helpers must not
         // inherit them, or the terminal would never see its last close.
         for fd in [&master, &slave] {
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )?;
         }
         let host = HostEnds {
             stdin: Some(File::from(master.try_clone().map_err(io_errno)?)),
             stdout: Some(File::from(master.try_clone().map_err(io_errno)?)),
             stderr: None,
         };
-        let container = [slave.try_clone().map_err(io_errno)?, slave.try_clone().map_err(io_errno)?, slave];
-        return Ok(Made { host, container, pty_master: Some(master) });
+        let container = [
+            slave.try_clone().map_err(io_errno)?,
+            slave.try_clone().map_err(io_errno)?,
+            slave,
+        ];
+        return Ok(Made {
+            host,
+            container,
+            pty_master: Some(master),
+        });
     }
     let (in_r, in_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
@@ -77,7 +88,10 @@ pub struct StdioTable {
 
 impl StdioTable {
     pub fn insert(&self, container_id: &str, exec_id: &str, ends: HostEnds) {
-        self.inner.lock().unwrap().insert((container_id.into(), exec_id.into()), ends);
+        self.inner
+            .lock()
+            .unwrap()
+            .insert((container_id.into(), exec_id.into()), ends);
     }
 
     fn take(&self, h: &StreamHeader) -> Option<File> {
@@ -92,14 +106,22 @@ impl StdioTable {
 
     /// Closes a process's stdin if no stream has taken it.
     pub fn close_stdin(&self, container_id: &str, exec_id: &str) {
-        if let Some(e) = self.inner.lock().unwrap().get_mut(&(container_id.into(), exec_id.into())) {
+        if let Some(e) = self
+            .inner
+            .lock()
+            .unwrap()
+            .get_mut(&(container_id.into(), exec_id.into()))
+        {
             e.stdin = None;
         }
     }
 
     /// Forgets every process of a container.
     pub fn remove_container(&self, container_id: &str) {
-        self.inner.lock().unwrap().retain(|(c, _), _| c != container_id);
+        self.inner
+            .lock()
+            .unwrap()
+            .retain(|(c, _), _| c != container_id);
     }
 
     /// Serves the stream port.

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cocoon", version, about = "Cocoon: containers in lightweight VMs")]
+#[command(
+    name = "cocoon",
+    version,
+    about = "Cocoon: containers in lightweight VMs"
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn", env = "COCOON_LOG")]
@@ -68,14 +72,27 @@ fn main() {
     let code = match cli.command {
         Command::Check { config } => check::check(config.as_deref()),
         Command::Env { config } => check::env(config.as_deref()),
-        Command::Image { command: ImageCommand::Build { out, agent, kernel_package, force } } => {
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    out,
+                    agent,
+                    kernel_package,
+                    force,
+                },
+        } => {
             let agent = agent.unwrap_or_else(|| {
                 std::env::current_exe()
                     .ok()
                     .and_then(|p| p.parent().map(|d| d.join("cocoon-agent")))
                     .unwrap_or_else(|| "cocoon-agent".into())
             });
-            match image::build(&image::BuildOptions { out, agent, kernel_package, force }) {
+            match image::build(&image::BuildOptions {
+                out,
+                agent,
+                kernel_package,
+                force,
+            }) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("cocoon image build: {e:#}");

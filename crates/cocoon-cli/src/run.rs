@@ -22,6 +22,9 @@ pub struct RunArgs {
     /// Allocate a terminal for the container.
     #[arg(short = 't', long)]
     tty: bool,
+    /// Memory limit of the container, in MiB (its cgroup in the guest).
+    #[arg(long = "memory", value_name = "MIB")]
+    memory_mib: Option<u64>,
     /// Environment variables (KEY=VALUE) for the command.
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
@@ -36,7 +39,11 @@ const CONTAINER_ID: &str = "main";
 const EXIT_RUNTIME_ERROR: i32 = 125;
 
 pub fn main(args: RunArgs) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cocoon run: {e}");
@@ -61,7 +68,10 @@ fn spec_for(args: &RunArgs, rootfs_rel: &str) -> anyhow::Result<oci_spec::runtim
     let mut spec = oci_spec::runtime::Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_args(Some(args.command.clone()));
-    let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), "HOME=/root".into()];
+    let mut env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "HOME=/root".into(),
+    ];
     if args.tty {
         env.push("TERM=xterm".into());
     }
@@ -75,17 +85,32 @@ fn spec_for(args: &RunArgs, rootfs_rel: &str) -> anyhow::Result<oci_spec::runtim
     root.set_readonly(Some(false));
     spec.set_root(Some(root));
     spec.set_hostname(Some("cocoon".into()));
+    if let Some(mib) = args.memory_mib {
+        let bytes =
+            i64::try_from(mib.saturating_mul(1024 * 1024)).context("--memory is too large")?;
+        let memory = oci_spec::runtime::LinuxMemoryBuilder::default()
+            .limit(bytes)
+            .swap(bytes)
+            .build()?;
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let mut resources = linux.resources().clone().unwrap_or_default();
+        resources.set_memory(Some(memory));
+        linux.set_resources(Some(resources));
+        spec.set_linux(Some(linux));
+    }
     Ok(spec)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let rootfs = std::fs::canonicalize(&args.rootfs).with_context(|| format!("rootfs {}", args.rootfs.display()))?;
+    let rootfs = std::fs::canonicalize(&args.rootfs)
+        .with_context(|| format!("rootfs {}", args.rootfs.display()))?;
     let loaded = cocoon_config::load(args.config.as_deref())?;
     tracing::info!(source = %loaded.source, "configuration");
     let id = format!("run-{}", std::process::id());
 
     let interrupted = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
@@ -107,7 +132,13 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        sandbox.agent().remove_container(ctx(Duration::from_secs(5)), &ContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() }),
+        sandbox.agent().remove_container(
+            ctx(Duration::from_secs(5)),
+            &ContainerRequest {
+                container_id: CONTAINER_ID.into(),
+                ..Default::default()
+            },
+        ),
     )
     .await;
     sandbox.unshare_rootfs(CONTAINER_ID);
@@ -115,7 +146,11 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     result
 }
 
-async fn run_in(sandbox: &mut Sandbox, args: &RunArgs, rootfs: &std::path::Path) -> anyhow::Result<i32> {
+async fn run_in(
+    sandbox: &mut Sandbox,
+    args: &RunArgs,
+    rootfs: &std::path::Path,
+) -> anyhow::Result<i32> {
     let rel = sandbox.share_rootfs(CONTAINER_ID, rootfs)?;
     let spec = spec_for(args, &rel)?;
     let req = CreateContainerRequest {
@@ -124,11 +159,27 @@ async fn run_in(sandbox: &mut Sandbox, args: &RunArgs, rootfs: &std::path::Path)
         terminal: args.tty,
         ..Default::default()
     };
-    sandbox.agent().create_container(ctx(CALL_TIMEOUT), &req).await.context("create container")?;
+    sandbox
+        .agent()
+        .create_container(ctx(CALL_TIMEOUT), &req)
+        .await
+        .context("create container")?;
 
-    let stdout = sandbox.open_stream(StreamKind::Stdout, CONTAINER_ID, "").await?;
-    let stderr = if args.tty { None } else { Some(sandbox.open_stream(StreamKind::Stderr, CONTAINER_ID, "").await?) };
-    let stdin = sandbox.open_stream(StreamKind::Stdin, CONTAINER_ID, "").await?;
+    let stdout = sandbox
+        .open_stream(StreamKind::Stdout, CONTAINER_ID, "")
+        .await?;
+    let stderr = if args.tty {
+        None
+    } else {
+        Some(
+            sandbox
+                .open_stream(StreamKind::Stderr, CONTAINER_ID, "")
+                .await?,
+        )
+    };
+    let stdin = sandbox
+        .open_stream(StreamKind::Stdin, CONTAINER_ID, "")
+        .await?;
     let pump_out = tokio::spawn(async move {
         let mut s = stdout;
         let mut o = tokio::io::stdout();
@@ -152,12 +203,24 @@ async fn run_in(sandbox: &mut Sandbox, args: &RunArgs, rootfs: &std::path::Path)
 
     sandbox
         .agent()
-        .start_container(ctx(CALL_TIMEOUT), &ContainerRequest { container_id: CONTAINER_ID.into(), ..Default::default() })
+        .start_container(
+            ctx(CALL_TIMEOUT),
+            &ContainerRequest {
+                container_id: CONTAINER_ID.into(),
+                ..Default::default()
+            },
+        )
         .await
         .context("start container")?;
     let exit = sandbox
         .agent()
-        .wait_process(ttrpc::context::Context::default(), &ProcessRequest { container_id: CONTAINER_ID.into(), ..Default::default() })
+        .wait_process(
+            ttrpc::context::Context::default(),
+            &ProcessRequest {
+                container_id: CONTAINER_ID.into(),
+                ..Default::default()
+            },
+        )
         .await
         .context("wait for the container")?;
     // The container's init has exited, so its PID namespace is gone and the

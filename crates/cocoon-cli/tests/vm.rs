@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 const COCOON: &str = env!("CARGO_BIN_EXE_cocoon");
 
 fn guest_dir() -> PathBuf {
-    let dir = PathBuf::from(std::env::var("COCOON_GUEST_DIR").unwrap_or_else(|_| "/var/lib/cocoon/guest".into()));
+    let dir = PathBuf::from(
+        std::env::var("COCOON_GUEST_DIR").unwrap_or_else(|_| "/var/lib/cocoon/guest".into()),
+    );
     assert!(
         dir.join("vmlinuz").is_file() && dir.join("initrd.img").is_file(),
         "no guest image in {} (run: cocoon image build --out {0})",
@@ -35,15 +37,34 @@ impl World {
     }
 
     fn with(hypervisor_toml: &str, guest_toml: &str) -> Self {
-        let tmp = tempfile::Builder::new().prefix("cocoon-e2e-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("cocoon-e2e-")
+            .tempdir()
+            .unwrap();
         let busybox = Path::new("/bin/busybox");
-        assert!(busybox.is_file(), "static busybox missing at /bin/busybox (apt-get install busybox-static)");
+        assert!(
+            busybox.is_file(),
+            "static busybox missing at /bin/busybox (apt-get install busybox-static)"
+        );
         let root = tmp.path().join("rootfs");
         for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "root"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-        for applet in ["sh", "echo", "cat", "uname", "true", "head", "sha256sum", "kill", "sleep", "grep", "free"] {
+        for applet in [
+            "sh",
+            "echo",
+            "cat",
+            "uname",
+            "true",
+            "head",
+            "tr",
+            "sha256sum",
+            "kill",
+            "sleep",
+            "grep",
+            "free",
+        ] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
         let state = tmp.path().join("state");
@@ -66,7 +87,12 @@ impl World {
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(COCOON);
-        c.arg("run").arg("--config").arg(self.config()).arg("--rootfs").arg(self.tmp.path().join("rootfs")).arg("--");
+        c.arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .arg("--rootfs")
+            .arg(self.tmp.path().join("rootfs"))
+            .arg("--");
         c.args(args);
         c.stdin(Stdio::null());
         c
@@ -96,7 +122,11 @@ impl World {
         }
         assert!(procs.is_empty(), "processes left behind: {procs:#?}");
         if state.exists() {
-            let entries: Vec<_> = std::fs::read_dir(&state).unwrap().flatten().map(|e| e.path()).collect();
+            let entries: Vec<_> = std::fs::read_dir(&state)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
             assert!(entries.is_empty(), "state left behind: {entries:?}");
         }
     }
@@ -131,16 +161,46 @@ fn exit_code_is_propagated() {
 #[test]
 #[ignore = "boots a VM: run by scripts/test.sh"]
 fn sigkill_reports_137() {
+    // The container's init ignores SIGKILL from inside its PID namespace, so
+    // let the kernel send it: the OOM killer, under a 32 MiB limit.
     let w = World::new("");
-    let o = w.run(&["sh", "-c", "kill -9 $$"]);
-    assert_eq!(o.status.code(), Some(137), "stderr: {}", stderr(&o));
+    let mut c = Command::new(COCOON);
+    c.arg("run")
+        .arg("--config")
+        .arg(w.config())
+        .arg("--rootfs")
+        .arg(w.tmp.path().join("rootfs"));
+    c.args([
+        "--memory",
+        "32",
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+    ]);
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    w.assert_clean();
+    assert_eq!(
+        o.status.code(),
+        Some(137),
+        "stdout: {} stderr: {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(!stdout(&o).contains("survived"));
 }
 
 #[test]
 #[ignore = "boots a VM: run by scripts/test.sh"]
 fn stdin_is_forwarded() {
     let w = World::new("");
-    let mut child = w.cmd(&["cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = w
+        .cmd(&["cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let input: String = (0..2000).map(|i| format!("line {i}\n")).collect();
     let mut stdin = child.stdin.take().unwrap();
     let data = input.clone();
@@ -159,11 +219,19 @@ fn stdin_is_forwarded() {
 fn ten_mib_of_stdout_arrive_intact() {
     use sha2::Digest;
     let w = World::new("");
-    let o = w.run(&["sh", "-c", "head -c 10485760 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob"]);
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "head -c 10485760 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
+    ]);
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     assert_eq!(o.stdout.len(), 10 * 1024 * 1024);
     let host_sum = format!("{:x}", sha2::Sha256::digest(&o.stdout));
-    let guest_sum = stderr(&o).split_whitespace().next().unwrap_or("").to_string();
+    let guest_sum = stderr(&o)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
     assert_eq!(host_sum, guest_sum, "stderr: {}", stderr(&o));
 }
 
@@ -171,7 +239,9 @@ fn ten_mib_of_stdout_arrive_intact() {
 #[ignore = "boots a VM: run by scripts/test.sh"]
 fn uname_is_the_guest_kernel() {
     let w = World::new("");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(guest_dir().join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(guest_dir().join("manifest.json")).unwrap())
+            .unwrap();
     let guest = manifest["kernel_release"].as_str().unwrap().to_string();
     let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     let o = w.run(&["uname", "-r"]);
@@ -186,8 +256,16 @@ fn microvm_flavour_runs() {
     let w = World::new("machine = \"microvm\"\nmemory_mib = 384\n");
     let o = w.run(&["sh", "-c", "grep MemTotal /proc/meminfo"]);
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
-    let kib: u64 = stdout(&o).split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(kib > 200 * 1024 && kib <= 384 * 1024, "MemTotal {kib} kB for a 384 MiB flavour");
+    let kib: u64 = stdout(&o)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        kib > 200 * 1024 && kib <= 384 * 1024,
+        "MemTotal {kib} kB for a 384 MiB flavour"
+    );
 }
 
 #[test]
@@ -198,7 +276,14 @@ fn two_vms_at_once_do_not_interfere() {
         .iter()
         .map(|tag| {
             let script = format!("for i in 1 2 3 4 5; do echo {tag}-$i; sleep 0.2; done");
-            (tag, w.cmd(&["sh", "-c", &script]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+            (
+                tag,
+                w.cmd(&["sh", "-c", &script])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
         })
         .collect();
     for (tag, child) in children {
@@ -216,7 +301,11 @@ fn missing_kernel_is_a_clear_error() {
     let w = World::with("", "kernel = \"/nonexistent/vmlinuz\"");
     let o = w.run(&["true"]);
     assert_eq!(o.status.code(), Some(125));
-    assert!(stderr(&o).contains("/nonexistent/vmlinuz"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/vmlinuz"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -227,7 +316,10 @@ fn malformed_toml_is_a_clear_error() {
     let o = w.run(&["true"]);
     assert_eq!(o.status.code(), Some(125));
     let msg = stderr(&o);
-    assert!(msg.contains(&format!("{}:3:", w.config().display())), "{msg}");
+    assert!(
+        msg.contains(&format!("{}:3:", w.config().display())),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -235,12 +327,18 @@ fn malformed_toml_is_a_clear_error() {
 fn silent_guest_times_out_cleanly() {
     // No init in the initrd and panic=0: the kernel hangs, nobody answers.
     let w = World::new("kernel_params = \"rdinit=/nonexistent panic=0\"\n");
-    let cfg = std::fs::read_to_string(w.config()).unwrap().replace("boot_timeout_secs = 60", "boot_timeout_secs = 8");
+    let cfg = std::fs::read_to_string(w.config())
+        .unwrap()
+        .replace("boot_timeout_secs = 60", "boot_timeout_secs = 8");
     std::fs::write(w.config(), cfg).unwrap();
     let t = Instant::now();
     let o = w.run(&["true"]);
     let took = t.elapsed();
     assert_eq!(o.status.code(), Some(125));
-    assert!(stderr(&o).contains("did not answer within 8s"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("did not answer within 8s"),
+        "{}",
+        stderr(&o)
+    );
     assert!(took < Duration::from_secs(8 + 15), "took {took:?}");
 }

@@ -53,7 +53,9 @@ pub fn default_search_paths() -> [&'static Path; 2] {
 /// Resolves the configuration by the load order. `explicit` is the task's
 /// `ConfigPath` (or the CLI's `--config`).
 pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let env = std::env::var_os(ENV_CONF_FILE).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = std::env::var_os(ENV_CONF_FILE)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     load_with(explicit, env.as_deref(), &default_search_paths())
 }
 
@@ -63,23 +65,37 @@ pub(crate) fn load_with(
     defaults: &[&Path],
 ) -> Result<Loaded, ConfigError> {
     if let Some(p) = explicit {
-        return Ok(Loaded { config: load_file(p)?, source: Source::Explicit(p.into()) });
+        return Ok(Loaded {
+            config: load_file(p)?,
+            source: Source::Explicit(p.into()),
+        });
     }
     if let Some(p) = env {
-        return Ok(Loaded { config: load_file(p)?, source: Source::Env(p.into()) });
+        return Ok(Loaded {
+            config: load_file(p)?,
+            source: Source::Env(p.into()),
+        });
     }
     for p in defaults {
         if p.exists() {
-            return Ok(Loaded { config: load_file(p)?, source: Source::Default(p.to_path_buf()) });
+            return Ok(Loaded {
+                config: load_file(p)?,
+                source: Source::Default(p.to_path_buf()),
+            });
         }
     }
-    Ok(Loaded { config: Config::default(), source: Source::BuiltIn })
+    Ok(Loaded {
+        config: Config::default(),
+        source: Source::BuiltIn,
+    })
 }
 
 /// Loads and validates one file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(path, &text)
 }
 
@@ -109,7 +125,11 @@ fn unknown_key(message: &str) -> Option<String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 /// The line of a dotted key such as `hypervisor.vcpus`, if the file has it.
@@ -176,7 +196,9 @@ mod tests {
 
     #[test]
     fn wrong_enum_value_is_an_error() {
-        let err = parse(p(), "[hypervisor]\n\naccel = \"xen\"\n").unwrap_err().to_string();
+        let err = parse(p(), "[hypervisor]\n\naccel = \"xen\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(":3:") && err.contains("xen"), "{err}");
     }
 
@@ -220,7 +242,11 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 3, "expected at least q35, microvm and tcg flavours in {}", dir.display());
+        assert!(
+            n >= 3,
+            "expected at least q35, microvm and tcg flavours in {}",
+            dir.display()
+        );
         let m = load_file(&dir.join("microvm.toml")).unwrap();
         assert_eq!(m.hypervisor.machine, Machine::Microvm);
     }

@@ -220,14 +220,25 @@ impl RawConfig {
     /// the file are taken relative to `base` (the file's directory).
     pub(crate) fn validate(self, base: &std::path::Path) -> Result<Config, Invalid> {
         let d = Config::default();
-        let rel = |p: PathBuf| if p.is_relative() && p.components().count() > 1 { base.join(p) } else { p };
+        let rel = |p: PathBuf| {
+            if p.is_relative() && p.components().count() > 1 {
+                base.join(p)
+            } else {
+                p
+            }
+        };
         let abs = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
         let h = self.hypervisor;
         let vcpus = match h.vcpus {
             None => d.hypervisor.vcpus,
             Some(n) if (1..=255).contains(&n) => n as u32,
-            Some(n) => return Err(invalid("hypervisor.vcpus", format!("{n} is not between 1 and 255"))),
+            Some(n) => {
+                return Err(invalid(
+                    "hypervisor.vcpus",
+                    format!("{n} is not between 1 and 255"),
+                ))
+            }
         };
         let memory_mib = match h.memory_mib {
             None => d.hypervisor.memory_mib,
@@ -285,7 +296,11 @@ impl RawConfig {
         };
         let vsock = VsockConfig {
             transport: self.vsock.transport.unwrap_or(d.vsock.transport),
-            backend_path: self.vsock.backend_path.map(rel).unwrap_or(d.vsock.backend_path),
+            backend_path: self
+                .vsock
+                .backend_path
+                .map(rel)
+                .unwrap_or(d.vsock.backend_path),
         };
         let state_dir = self.runtime.state_dir.unwrap_or(d.runtime.state_dir);
         if state_dir.is_relative() {

@@ -117,7 +117,10 @@ mod tests {
         assert_eq!(caps.kvm, KvmKind::Pvm);
         assert_eq!(caps.resolve_accel(Accel::Auto), ResolvedAccel::Tcg);
         assert_eq!(caps.resolve_accel(Accel::Kvm), ResolvedAccel::Kvm);
-        assert_eq!(caps.resolve_vsock(VsockTransport::Auto), ResolvedVsock::Hybrid);
+        assert_eq!(
+            caps.resolve_vsock(VsockTransport::Auto),
+            ResolvedVsock::Hybrid
+        );
     }
 
     #[test]
@@ -130,7 +133,10 @@ mod tests {
             caps.resolve_vsock(VsockTransport::Auto),
             ResolvedVsock::Vhost { guest_cid } if guest_cid >= 3
         ));
-        assert_eq!(caps.resolve_vsock(VsockTransport::Hybrid), ResolvedVsock::Hybrid);
+        assert_eq!(
+            caps.resolve_vsock(VsockTransport::Hybrid),
+            ResolvedVsock::Hybrid
+        );
     }
 
     #[test]

@@ -23,10 +23,16 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|source| Error::Io { action: "open log", path: log.into(), source })?;
-        let file2 = file
-            .try_clone()
-            .map_err(|source| Error::Io { action: "open log", path: log.into(), source })?;
+            .map_err(|source| Error::Io {
+                action: "open log",
+                path: log.into(),
+                source,
+            })?;
+        let file2 = file.try_clone().map_err(|source| Error::Io {
+            action: "open log",
+            path: log.into(),
+            source,
+        })?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(file2))
@@ -34,7 +40,11 @@ impl Daemon {
         // Own process group: a Ctrl-C at the terminal reaches Cocoon, which
         // then stops the VM in order, instead of killing QEMU under it.
         cmd.process_group(0);
-        let child = cmd.spawn().map_err(|source| Error::Spawn { what, path: program, source })?;
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            what,
+            path: program,
+            source,
+        })?;
         tracing::debug!(what, pid = child.id(), "spawned");
         Ok(Self { what, child })
     }
@@ -70,7 +80,10 @@ impl Daemon {
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            if tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await.is_ok() {
+            if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+                .await
+                .is_ok()
+            {
                 return;
             }
         }
@@ -91,10 +104,18 @@ pub(crate) async fn wait_for_socket(
             return Ok(());
         }
         if let Some(status) = daemon.try_exited() {
-            return Err(Error::EarlyExit { what: daemon.what, status, log: tail(log, 20) });
+            return Err(Error::EarlyExit {
+                what: daemon.what,
+                status,
+                log: tail(log, 20),
+            });
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::SocketTimeout { what: daemon.what, path: path.into(), timeout });
+            return Err(Error::SocketTimeout {
+                what: daemon.what,
+                path: path.into(),
+                timeout,
+            });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

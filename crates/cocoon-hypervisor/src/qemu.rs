@@ -28,7 +28,13 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     let mem = h.memory_mib;
     let microvm = h.machine == Machine::Microvm;
     let path = |p: PathBuf| p.to_string_lossy().into_owned();
-    let dev = |pci: &str, mmio: &str| if microvm { mmio.to_string() } else { pci.to_string() };
+    let dev = |pci: &str, mmio: &str| {
+        if microvm {
+            mmio.to_string()
+        } else {
+            pci.to_string()
+        }
+    };
     let machine = if microvm {
         "microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem"
     } else {
@@ -74,7 +80,10 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         "-serial".into(),
         "chardev:console".into(),
         "-chardev".into(),
-        format!("socket,id=qmp,path={},server=on,wait=off", path(spec.qmp_socket())),
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            path(spec.qmp_socket())
+        ),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
         "-chardev".into(),
@@ -91,11 +100,17 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
             "-chardev".into(),
             format!("socket,id=vsock,path={}", path(spec.vsock_backend_socket())),
             "-device".into(),
-            format!("{},chardev=vsock", dev("vhost-user-vsock-pci", "vhost-user-vsock-device")),
+            format!(
+                "{},chardev=vsock",
+                dev("vhost-user-vsock-pci", "vhost-user-vsock-device")
+            ),
         ]),
         ResolvedVsock::Vhost { guest_cid } => a.extend([
             "-device".into(),
-            format!("{},guest-cid={guest_cid}", dev("vhost-vsock-pci", "vhost-vsock-device")),
+            format!(
+                "{},guest-cid={guest_cid}",
+                dev("vhost-vsock-pci", "vhost-vsock-device")
+            ),
         ]),
     }
     a.into_iter().map(OsString::from).collect()
@@ -141,17 +156,29 @@ impl Hypervisor for Qemu {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         let cfg = &spec.config;
         let need = |what: &'static str, p: &std::path::Path| {
-            find_binary(p).ok_or_else(|| Error::NotFound { what, path: p.into() })
+            find_binary(p).ok_or_else(|| Error::NotFound {
+                what,
+                path: p.into(),
+            })
         };
         let qemu = need("QEMU binary (hypervisor.path)", &cfg.hypervisor.path)?;
         let virtiofsd = need("virtiofsd binary (virtiofs.path)", &cfg.virtiofs.path)?;
-        for (what, p) in [("guest kernel (guest.kernel)", &cfg.guest.kernel), ("guest initrd (guest.initrd)", &cfg.guest.initrd)] {
+        for (what, p) in [
+            ("guest kernel (guest.kernel)", &cfg.guest.kernel),
+            ("guest initrd (guest.initrd)", &cfg.guest.initrd),
+        ] {
             if !p.is_file() {
-                return Err(Error::NotFound { what, path: p.clone() });
+                return Err(Error::NotFound {
+                    what,
+                    path: p.clone(),
+                });
             }
         }
         let backend = match spec.vsock {
-            ResolvedVsock::Hybrid => Some(need("vhost-device-vsock binary (vsock.backend_path)", &cfg.vsock.backend_path)?),
+            ResolvedVsock::Hybrid => Some(need(
+                "vhost-device-vsock binary (vsock.backend_path)",
+                &cfg.vsock.backend_path,
+            )?),
             ResolvedVsock::Vhost { .. } => None,
         };
 
@@ -163,7 +190,9 @@ impl Hypervisor for Qemu {
             qmp_path: spec.qmp_socket(),
             console_log: spec.console_log(),
             connector: match spec.vsock {
-                ResolvedVsock::Hybrid => VsockConnector::Hybrid { uds: spec.vsock_uds() },
+                ResolvedVsock::Hybrid => VsockConnector::Hybrid {
+                    uds: spec.vsock_uds(),
+                },
                 ResolvedVsock::Vhost { guest_cid } => VsockConnector::Vhost { guest_cid },
             },
             pid: 0,
@@ -172,7 +201,13 @@ impl Hypervisor for Qemu {
         let mut cmd = Command::new(&virtiofsd);
         cmd.args(virtiofsd_args(spec));
         let mut d = Daemon::spawn("virtiofsd", cmd, &spec.virtiofsd_log())?;
-        let r = wait_for_socket(&mut d, &spec.virtiofs_socket(), &spec.virtiofsd_log(), DAEMON_SOCKET_TIMEOUT).await;
+        let r = wait_for_socket(
+            &mut d,
+            &spec.virtiofs_socket(),
+            &spec.virtiofsd_log(),
+            DAEMON_SOCKET_TIMEOUT,
+        )
+        .await;
         vm.helpers.push(d);
         r?;
 
@@ -180,7 +215,13 @@ impl Hypervisor for Qemu {
             let mut cmd = Command::new(&backend);
             cmd.args(vsock_backend_args(spec));
             let mut d = Daemon::spawn("vhost-device-vsock", cmd, &spec.vsock_backend_log())?;
-            let r = wait_for_socket(&mut d, &spec.vsock_backend_socket(), &spec.vsock_backend_log(), DAEMON_SOCKET_TIMEOUT).await;
+            let r = wait_for_socket(
+                &mut d,
+                &spec.vsock_backend_socket(),
+                &spec.vsock_backend_log(),
+                DAEMON_SOCKET_TIMEOUT,
+            )
+            .await;
             vm.helpers.push(d);
             r?;
         }
@@ -189,16 +230,29 @@ impl Hypervisor for Qemu {
         cmd.args(command_line(spec));
         tracing::debug!(cmd = ?cmd.as_std(), "starting QEMU");
         let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log())?;
-        let r = wait_for_socket(&mut d, &spec.qmp_socket(), &spec.qemu_log(), DAEMON_SOCKET_TIMEOUT).await;
+        let r = wait_for_socket(
+            &mut d,
+            &spec.qmp_socket(),
+            &spec.qemu_log(),
+            DAEMON_SOCKET_TIMEOUT,
+        )
+        .await;
         vm.pid = d.pid();
         vm.qemu = Some(d);
         r?;
         // A QMP round trip proves QEMU came up (and not only created the socket).
         let mut qmp = vm.qmp().await?;
-        let status = qmp.status().await.map_err(|source| Error::Qmp { path: vm.qmp_path.clone(), source })?;
+        let status = qmp.status().await.map_err(|source| Error::Qmp {
+            path: vm.qmp_path.clone(),
+            source,
+        })?;
         tracing::debug!(pid = vm.pid, %status, "QEMU running");
         if let Some(status) = vm.qemu.as_mut().and_then(Daemon::try_exited) {
-            return Err(Error::EarlyExit { what: "QEMU", status, log: tail(&spec.qemu_log(), 20) });
+            return Err(Error::EarlyExit {
+                what: "QEMU",
+                status,
+                log: tail(&spec.qemu_log(), 20),
+            });
         }
         Ok(Box::new(vm))
     }
@@ -218,12 +272,21 @@ impl QemuVm {
     async fn qmp(&self) -> Result<Qmp> {
         Qmp::connect(&self.qmp_path)
             .await
-            .map_err(|source| Error::Qmp { path: self.qmp_path.clone(), source })
+            .map_err(|source| Error::Qmp {
+                path: self.qmp_path.clone(),
+                source,
+            })
     }
 
-    async fn qmp_do(&self, f: impl AsyncFnOnce(&mut Qmp) -> Result<(), crate::qmp::QmpError>) -> Result<()> {
+    async fn qmp_do(
+        &self,
+        f: impl AsyncFnOnce(&mut Qmp) -> Result<(), crate::qmp::QmpError>,
+    ) -> Result<()> {
         let mut qmp = self.qmp().await?;
-        f(&mut qmp).await.map_err(|source| Error::Qmp { path: self.qmp_path.clone(), source })
+        f(&mut qmp).await.map_err(|source| Error::Qmp {
+            path: self.qmp_path.clone(),
+            source,
+        })
     }
 }
 
@@ -253,7 +316,9 @@ impl Vm for QemuVm {
     }
 
     fn try_wait(&mut self) -> Option<String> {
-        self.qemu.as_mut().map_or(Some("not started".into()), Daemon::try_exited)
+        self.qemu
+            .as_mut()
+            .map_or(Some("not started".into()), Daemon::try_exited)
     }
 
     fn console_tail(&self, lines: usize) -> String {
@@ -303,7 +368,11 @@ mod tests {
     }
 
     fn joined(spec: &VmSpec) -> String {
-        command_line(spec).iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        command_line(spec)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn arg_after(args: &[OsString], flag: &str) -> Vec<String> {
@@ -322,9 +391,18 @@ mod tests {
         assert_eq!(arg_after(&args, "-cpu"), ["max"]);
         assert_eq!(arg_after(&args, "-smp"), ["2"]);
         assert_eq!(arg_after(&args, "-m"), ["768M"]);
-        assert_eq!(arg_after(&args, "-object"), ["memory-backend-memfd,id=mem,size=768M,share=on"]);
-        assert_eq!(arg_after(&args, "-kernel"), ["/var/lib/cocoon/guest/vmlinuz"]);
-        assert_eq!(arg_after(&args, "-initrd"), ["/var/lib/cocoon/guest/initrd.img"]);
+        assert_eq!(
+            arg_after(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=768M,share=on"]
+        );
+        assert_eq!(
+            arg_after(&args, "-kernel"),
+            ["/var/lib/cocoon/guest/vmlinuz"]
+        );
+        assert_eq!(
+            arg_after(&args, "-initrd"),
+            ["/var/lib/cocoon/guest/initrd.img"]
+        );
         let append = &arg_after(&args, "-append")[0];
         assert!(append.starts_with("console=ttyS0 "), "{append}");
         assert!(append.ends_with(" foo=bar"), "{append}");
@@ -337,22 +415,38 @@ mod tests {
             ]
         );
         let all = joined(&s);
-        assert!(all.contains("socket,id=vsock,path=/run/cocoon/t1/vhost-vsock.sock"), "{all}");
-        assert!(all.contains("socket,id=qmp,path=/run/cocoon/t1/qmp.sock,server=on,wait=off"), "{all}");
-        assert!(all.contains("file,id=console,path=/run/cocoon/t1/console.log"), "{all}");
+        assert!(
+            all.contains("socket,id=vsock,path=/run/cocoon/t1/vhost-vsock.sock"),
+            "{all}"
+        );
+        assert!(
+            all.contains("socket,id=qmp,path=/run/cocoon/t1/qmp.sock,server=on,wait=off"),
+            "{all}"
+        );
+        assert!(
+            all.contains("file,id=console,path=/run/cocoon/t1/console.log"),
+            "{all}"
+        );
         assert!(all.contains("-no-reboot"));
     }
 
     #[test]
     fn microvm_kvm_vhost() {
-        let s = spec(Machine::Microvm, ResolvedAccel::Kvm, ResolvedVsock::Vhost { guest_cid: 42 });
+        let s = spec(
+            Machine::Microvm,
+            ResolvedAccel::Kvm,
+            ResolvedVsock::Vhost { guest_cid: 42 },
+        );
         let args = command_line(&s);
         assert!(arg_after(&args, "-machine")[0].starts_with("microvm,"));
         assert_eq!(arg_after(&args, "-accel"), ["kvm"]);
         assert_eq!(arg_after(&args, "-cpu"), ["host"]);
         assert_eq!(
             arg_after(&args, "-device"),
-            ["vhost-user-fs-device,chardev=fs,tag=cocoon,queue-size=1024", "vhost-vsock-device,guest-cid=42"]
+            [
+                "vhost-user-fs-device,chardev=fs,tag=cocoon,queue-size=1024",
+                "vhost-vsock-device,guest-cid=42"
+            ]
         );
         assert!(!joined(&s).contains("vhost-vsock.sock"));
     }
@@ -360,10 +454,19 @@ mod tests {
     #[test]
     fn daemon_args() {
         let s = spec(Machine::Q35, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
-        let v: Vec<_> = virtiofsd_args(&s).into_iter().map(|s| s.into_string().unwrap()).collect();
+        let v: Vec<_> = virtiofsd_args(&s)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
         assert!(v.contains(&"--shared-dir=/run/cocoon/t1/shared".to_string()));
         assert!(v.contains(&"--socket-path=/run/cocoon/t1/virtiofs.sock".to_string()));
-        let b: Vec<_> = vsock_backend_args(&s).into_iter().map(|s| s.into_string().unwrap()).collect();
-        assert_eq!(b[1], "guest-cid=3,socket=/run/cocoon/t1/vhost-vsock.sock,uds-path=/run/cocoon/t1/vsock.sock");
+        let b: Vec<_> = vsock_backend_args(&s)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            b[1],
+            "guest-cid=3,socket=/run/cocoon/t1/vhost-vsock.sock,uds-path=/run/cocoon/t1/vsock.sock"
+        );
     }
 }

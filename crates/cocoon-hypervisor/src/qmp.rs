@@ -32,7 +32,10 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self, QmpError> {
         let stream = UnixStream::connect(path).await.map_err(QmpError::Connect)?;
         let (r, w) = stream.into_split();
-        let mut qmp = Self { reader: BufReader::new(r), writer: w };
+        let mut qmp = Self {
+            reader: BufReader::new(r),
+            writer: w,
+        };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Malformed(greeting.to_string()));
@@ -43,7 +46,13 @@ impl Qmp {
 
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line).await.map_err(QmpError::Io)? == 0 {
+        if self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(QmpError::Io)?
+            == 0
+        {
             return Err(QmpError::Closed);
         }
         serde_json::from_str(&line).map_err(|_| QmpError::Malformed(line))
@@ -65,7 +74,10 @@ impl Qmp {
             }
             if let Some(e) = reply.get("error") {
                 let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                return Err(QmpError::Command { class: s("class"), desc: s("desc") });
+                return Err(QmpError::Command {
+                    class: s("class"),
+                    desc: s("desc"),
+                });
             }
             // An asynchronous event: not ours.
         }
@@ -107,7 +119,9 @@ mod tests {
         let (s, _) = listener.accept().await.unwrap();
         let (r, mut w) = s.into_split();
         let mut r = BufReader::new(r);
-        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
         let mut seen = Vec::new();
         for reply in replies {
             let mut line = String::new();

@@ -29,7 +29,9 @@ impl VsockConnector {
         match self {
             VsockConnector::Vhost { guest_cid } => {
                 let addr = tokio_vsock::VsockAddr::new(*guest_cid, port);
-                Ok(VsockStream::Vsock(tokio_vsock::VsockStream::connect(addr).await?))
+                Ok(VsockStream::Vsock(
+                    tokio_vsock::VsockStream::connect(addr).await?,
+                ))
             }
             VsockConnector::Hybrid { uds } => {
                 let mut s = UnixStream::connect(uds).await?;
@@ -52,7 +54,11 @@ impl VsockConnector {
 }
 
 impl AsyncRead for VsockStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             VsockStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             VsockStream::Vsock(s) => Pin::new(s).poll_read(cx, buf),
@@ -61,7 +67,11 @@ impl AsyncRead for VsockStream {
 }
 
 impl AsyncWrite for VsockStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             VsockStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             VsockStream::Vsock(s) => Pin::new(s).poll_write(cx, buf),

@@ -2,13 +2,31 @@
 //! protoc), plus the constants both sides agree on.
 
 /// Generated message types.
-#[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_imports, unused_results, unused_mut)]
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_imports,
+    unused_results,
+    unused_mut
+)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 
 /// Generated ttrpc client and server glue.
-#[allow(clippy::all, dead_code, missing_docs, non_camel_case_types, non_snake_case, unused_imports, unused_results)]
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    unused_imports,
+    unused_results
+)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
@@ -55,7 +73,12 @@ pub struct StreamHeader {
 
 impl StreamHeader {
     pub fn encode(&self) -> String {
-        format!("{} {} {}\n", self.kind.as_str(), self.container_id, self.exec_id)
+        format!(
+            "{} {} {}\n",
+            self.kind.as_str(),
+            self.container_id,
+            self.exec_id
+        )
     }
 
     pub fn decode(line: &str) -> Option<Self> {
@@ -71,7 +94,11 @@ impl StreamHeader {
         if it.next().is_some() {
             return None;
         }
-        Some(Self { kind, container_id, exec_id })
+        Some(Self {
+            kind,
+            container_id,
+            exec_id,
+        })
     }
 }
 

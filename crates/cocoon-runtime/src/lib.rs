@@ -105,7 +105,10 @@ impl Sandbox {
             run_dir: dir.path().to_path_buf(),
             shared_dir: dir.shared().to_path_buf(),
         };
-        let hv_err = |source| Error::Hypervisor { id: id.into(), source };
+        let hv_err = |source| Error::Hypervisor {
+            id: id.into(),
+            source,
+        };
         let mut vm = hypervisor.launch(&spec).await.map_err(hv_err)?;
         dir.record_pid("qemu", vm.pid());
         let timeout = config.hypervisor.boot_timeout;
@@ -116,7 +119,13 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let sandbox = Self { id: id.into(), vm, agent, kernel_release, dir };
+        let sandbox = Self {
+            id: id.into(),
+            vm,
+            agent,
+            kernel_release,
+            dir,
+        };
         let req = CreateSandboxRequest {
             hostname: id.chars().take(63).collect(),
             share_tag: cocoon_protocols::SHARE_TAG.into(),
@@ -125,7 +134,11 @@ impl Sandbox {
         if let Err(source) = sandbox.agent.create_sandbox(ctx(CALL_TIMEOUT), &req).await {
             let mut s = sandbox;
             s.vm.shutdown(Duration::ZERO).await;
-            return Err(Error::Agent { id: id.into(), call: "CreateSandbox", source });
+            return Err(Error::Agent {
+                id: id.into(),
+                call: "CreateSandbox",
+                source,
+            });
         }
         Ok(sandbox)
     }
@@ -166,40 +179,89 @@ impl Sandbox {
     }
 
     /// Opens one stdio stream of a process (`exec_id` empty for the init).
-    pub async fn open_stream(&self, kind: StreamKind, container_id: &str, exec_id: &str) -> Result<VsockStream> {
+    pub async fn open_stream(
+        &self,
+        kind: StreamKind,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<VsockStream> {
         let what = format!("{} of {container_id}/{exec_id}", kind.as_str());
-        let err = |source| Error::Stream { id: self.id.clone(), what: what.clone(), source };
-        let mut s = self.vm.vsock().connect(cocoon_protocols::STREAM_PORT).await.map_err(err)?;
-        let header = StreamHeader { kind, container_id: container_id.into(), exec_id: exec_id.into() };
+        let err = |source| Error::Stream {
+            id: self.id.clone(),
+            what: what.clone(),
+            source,
+        };
+        let mut s = self
+            .vm
+            .vsock()
+            .connect(cocoon_protocols::STREAM_PORT)
+            .await
+            .map_err(err)?;
+        let header = StreamHeader {
+            kind,
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+        };
         s.write_all(header.encode().as_bytes()).await.map_err(err)?;
         Ok(s)
     }
 
     /// Powers the guest off and releases every host resource.
     pub async fn stop(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.agent.destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new())).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.agent
+                .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
+        )
+        .await;
         self.vm.shutdown(Duration::from_secs(3)).await;
         tracing::info!(sandbox = %self.id, "stopped");
     }
 }
 
 /// Connects to the agent, retrying until it answers a ping or `timeout` passes.
-async fn connect_agent(id: &str, vm: &mut dyn Vm, timeout: Duration) -> Result<(AgentClient, String)> {
+async fn connect_agent(
+    id: &str,
+    vm: &mut dyn Vm,
+    timeout: Duration,
+) -> Result<(AgentClient, String)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let start = std::time::Instant::now();
     loop {
         if let Some(status) = vm.try_wait() {
-            return Err(Error::VmExited { id: id.into(), status, console: vm.console_tail(30) });
+            return Err(Error::VmExited {
+                id: id.into(),
+                status,
+                console: vm.console_tail(30),
+            });
         }
-        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(500), vm.vsock().connect(cocoon_protocols::AGENT_PORT)).await {
-            let client = AgentClient::new(ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream)));
-            if let Ok(pong) = client.ping(ctx(Duration::from_secs(2)), &Empty::new()).await {
-                tracing::info!(sandbox = id, boot_ms = start.elapsed().as_millis() as u64, "agent answered");
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            vm.vsock().connect(cocoon_protocols::AGENT_PORT),
+        )
+        .await
+        {
+            let client = AgentClient::new(ttrpc::r#async::Client::new(
+                ttrpc::r#async::transport::Socket::new(stream),
+            ));
+            if let Ok(pong) = client
+                .ping(ctx(Duration::from_secs(2)), &Empty::new())
+                .await
+            {
+                tracing::info!(
+                    sandbox = id,
+                    boot_ms = start.elapsed().as_millis() as u64,
+                    "agent answered"
+                );
                 return Ok((client, pong.kernel_release));
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::BootTimeout { id: id.into(), timeout, console: vm.console_tail(30) });
+            return Err(Error::BootTimeout {
+                id: id.into(),
+                timeout,
+                console: vm.console_tail(30),
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -27,17 +27,40 @@ impl RunDir {
         let path = state_dir.join(id);
         let host = |action, path: &Path| {
             let path = path.to_path_buf();
-            move |source| Error::Host { id: id.into(), action, path, source }
+            move |source| Error::Host {
+                id: id.into(),
+                action,
+                path,
+                source,
+            }
         };
         std::fs::create_dir_all(state_dir).map_err(host("create", state_dir))?;
         std::fs::create_dir(&path).map_err(host("create", &path))?;
-        let mut dir = Self { id: id.into(), shared: path.join("shared"), path, shared_mounted: false, rootfs: BTreeMap::new() };
+        let mut dir = Self {
+            id: id.into(),
+            shared: path.join("shared"),
+            path,
+            shared_mounted: false,
+            rootfs: BTreeMap::new(),
+        };
         std::fs::create_dir(&dir.shared).map_err(host("create", &dir.shared))?;
-        mount(Some(&dir.shared), &dir.shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| host("bind-mount", &dir.shared)(io(e)))?;
+        mount(
+            Some(&dir.shared),
+            &dir.shared,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| host("bind-mount", &dir.shared)(io(e)))?;
         dir.shared_mounted = true;
-        mount(None::<&str>, &dir.shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-            .map_err(|e| host("make shared", &dir.shared)(io(e)))?;
+        mount(
+            None::<&str>,
+            &dir.shared,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| host("make shared", &dir.shared)(io(e)))?;
         Ok(dir)
     }
 
@@ -59,14 +82,27 @@ impl RunDir {
         let target = self.shared.join(&rel);
         let err = |action, path: &Path| {
             let (id, path) = (self.id.clone(), path.to_path_buf());
-            move |source| Error::Host { id, action, path, source }
+            move |source| Error::Host {
+                id,
+                action,
+                path,
+                source,
+            }
         };
         if !rootfs.is_dir() {
-            return Err(err("use as rootfs", rootfs)(std::io::Error::from(std::io::ErrorKind::NotADirectory)));
+            return Err(err("use as rootfs", rootfs)(std::io::Error::from(
+                std::io::ErrorKind::NotADirectory,
+            )));
         }
         std::fs::create_dir_all(&target).map_err(err("create", &target))?;
-        mount(Some(rootfs), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|e| err("bind-mount", rootfs)(io(e)))?;
+        mount(
+            Some(rootfs),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| err("bind-mount", rootfs)(io(e)))?;
         self.rootfs.insert(container_id.into(), target);
         Ok(rel)
     }

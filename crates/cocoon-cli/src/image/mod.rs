@@ -29,7 +29,11 @@ fn step(n: u32, total: u32, what: &str) {
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -41,7 +45,11 @@ fn resolve_kernel_package(name: &str) -> Result<(String, String)> {
     loop {
         let show = run(Command::new("apt-cache").args(["show", "--no-all-versions", &pkg]))
             .with_context(|| format!("look up package {pkg} (has apt-get update run?)"))?;
-        let field = |k: &str| show.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string());
+        let field = |k: &str| {
+            show.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
         let first_dep = field("Depends:")
             .and_then(|d| d.split([',', ' ']).next().map(str::to_string))
             .filter(|d| d.starts_with("linux-image-") && *d != pkg);
@@ -59,7 +67,10 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// The shared libraries `binary` links, as `ldd` reports them.
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(binary).output().context("run ldd")?;
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("run ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.contains("not a dynamic executable") || text.contains("statically linked") {
         return Ok(Vec::new());
@@ -80,7 +91,8 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 fn copy_into(root: &Path, src: &Path, dest_rel: &Path) -> Result<()> {
     let dest = root.join(dest_rel);
     std::fs::create_dir_all(dest.parent().unwrap())?;
-    std::fs::copy(src, &dest).with_context(|| format!("copy {} to {}", src.display(), dest.display()))?;
+    std::fs::copy(src, &dest)
+        .with_context(|| format!("copy {} to {}", src.display(), dest.display()))?;
     Ok(())
 }
 
@@ -88,9 +100,16 @@ fn copy_into(root: &Path, src: &Path, dest_rel: &Path) -> Result<()> {
 pub fn build(opts: &BuildOptions) -> Result<()> {
     const TOTAL: u32 = 6;
     if !opts.agent.is_file() {
-        bail!("guest agent binary {} not found (build it: cargo build --release -p cocoon-agent)", opts.agent.display());
+        bail!(
+            "guest agent binary {} not found (build it: cargo build --release -p cocoon-agent)",
+            opts.agent.display()
+        );
     }
-    step(1, TOTAL, &format!("resolving kernel package {}", opts.kernel_package));
+    step(
+        1,
+        TOTAL,
+        &format!("resolving kernel package {}", opts.kernel_package),
+    );
     let (pkg, version) = resolve_kernel_package(&opts.kernel_package)?;
     let fingerprint = format!(
         "layout {LAYOUT} kernel {pkg} {version} agent {} modules {}",
@@ -101,8 +120,14 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     if !opts.force {
         if let Ok(old) = std::fs::read_to_string(&manifest_path) {
             let old: serde_json::Value = serde_json::from_str(&old).unwrap_or_default();
-            if old["fingerprint"] == fingerprint.as_str() && opts.out.join("vmlinuz").is_file() && opts.out.join("initrd.img").is_file() {
-                eprintln!("guest image in {} is up to date ({pkg} {version}); nothing to do", opts.out.display());
+            if old["fingerprint"] == fingerprint.as_str()
+                && opts.out.join("vmlinuz").is_file()
+                && opts.out.join("initrd.img").is_file()
+            {
+                eprintln!(
+                    "guest image in {} is up to date ({pkg} {version}); nothing to do",
+                    opts.out.display()
+                );
                 return Ok(());
             }
         }
@@ -113,7 +138,10 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     step(2, TOTAL, &format!("downloading {pkg} {version}"));
-    run(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&work))?;
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg(&pkg)
+        .current_dir(&work))?;
     let deb = std::fs::read_dir(&work)?
         .flatten()
         .map(|e| e.path())
@@ -136,10 +164,17 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     let dep = modules::parse_dep(&std::fs::read_to_string(mod_dir.join("modules.dep"))?);
     let (order, missing) = modules::load_order(&dep, modules::WANTED);
     if !missing.is_empty() {
-        eprintln!("      built into the kernel or absent: {}", missing.join(", "));
+        eprintln!(
+            "      built into the kernel or absent: {}",
+            missing.join(", ")
+        );
     }
 
-    step(4, TOTAL, &format!("assembling initrd: agent, {} modules", order.len()));
+    step(
+        4,
+        TOTAL,
+        &format!("assembling initrd: agent, {} modules", order.len()),
+    );
     let root = work.join("initrd");
     for d in ["proc", "sys", "dev", "run", "tmp", "etc", "sbin"] {
         std::fs::create_dir_all(root.join(d))?;
@@ -180,6 +215,9 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     });
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)?)?;
     std::fs::remove_dir_all(&work)?;
-    eprintln!("guest image written to {} (kernel {kver})", opts.out.display());
+    eprintln!(
+        "guest image written to {} (kernel {kver})",
+        opts.out.display()
+    );
     Ok(())
 }

@@ -19,7 +19,10 @@ pub fn parse_dep(text: &str) -> BTreeMap<String, Vec<String>> {
     text.lines()
         .filter_map(|l| {
             let (m, deps) = l.split_once(':')?;
-            Some((m.trim().to_string(), deps.split_whitespace().map(str::to_string).collect()))
+            Some((
+                m.trim().to_string(),
+                deps.split_whitespace().map(str::to_string).collect(),
+            ))
         })
         .collect()
 }
@@ -32,12 +35,20 @@ pub fn name_of(path: &str) -> String {
 
 /// The paths to load for `wanted`, every dependency before its dependents.
 /// Returns the order and the wanted names that are not modules.
-pub fn load_order(dep: &BTreeMap<String, Vec<String>>, wanted: &[&str]) -> (Vec<String>, Vec<String>) {
+pub fn load_order(
+    dep: &BTreeMap<String, Vec<String>>,
+    wanted: &[&str],
+) -> (Vec<String>, Vec<String>) {
     let by_name: BTreeMap<String, &String> = dep.keys().map(|p| (name_of(p), p)).collect();
     let mut order = Vec::new();
     let mut done = BTreeSet::new();
     let mut missing = Vec::new();
-    fn visit(p: &str, dep: &BTreeMap<String, Vec<String>>, done: &mut BTreeSet<String>, order: &mut Vec<String>) {
+    fn visit(
+        p: &str,
+        dep: &BTreeMap<String, Vec<String>>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) {
         if !done.insert(p.to_string()) {
             return;
         }
@@ -73,17 +84,32 @@ kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
 ";
 
     fn pos(order: &[String], name: &str) -> usize {
-        order.iter().position(|p| name_of(p) == name).unwrap_or_else(|| panic!("{name} not in {order:?}"))
+        order
+            .iter()
+            .position(|p| name_of(p) == name)
+            .unwrap_or_else(|| panic!("{name} not in {order:?}"))
     }
 
     #[test]
     fn dependencies_load_first_and_once() {
         let dep = parse_dep(DEP);
-        let (order, missing) = load_order(&dep, &["virtio_pci", "vmw_vsock_virtio_transport", "virtiofs", "vsock", "overlay"]);
+        let (order, missing) = load_order(
+            &dep,
+            &[
+                "virtio_pci",
+                "vmw_vsock_virtio_transport",
+                "virtiofs",
+                "vsock",
+                "overlay",
+            ],
+        );
         assert_eq!(missing, ["overlay"]);
         assert_eq!(order.len(), 8);
         assert!(pos(&order, "vsock") < pos(&order, "vmw_vsock_virtio_transport_common"));
-        assert!(pos(&order, "vmw_vsock_virtio_transport_common") < pos(&order, "vmw_vsock_virtio_transport"));
+        assert!(
+            pos(&order, "vmw_vsock_virtio_transport_common")
+                < pos(&order, "vmw_vsock_virtio_transport")
+        );
         assert!(pos(&order, "fuse") < pos(&order, "virtiofs"));
         assert!(pos(&order, "virtio_pci_legacy_dev") < pos(&order, "virtio_pci"));
         assert!(pos(&order, "virtio_pci_modern_dev") < pos(&order, "virtio_pci"));

@@ -84,6 +84,32 @@ fn pick_guest_cid() -> u32 {
     3 + (std::process::id().wrapping_mul(7919) ^ nanos) % 0x00ff_ffff
 }
 
+/// The host's TSC rate in kHz, measured against the monotonic clock.
+///
+/// Under TCG the guest's TSC runs at the host's rate. A microvm guest has no
+/// HPET or PM timer to calibrate its TSC against, and its PIT calibration
+/// fails when the host is busy (the kernel then hangs in early boot), so the
+/// measured rate is given to the guest (`tsc_early_khz=`).
+pub fn tsc_khz() -> Option<u32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let window = std::time::Duration::from_millis(10);
+        let t0 = std::time::Instant::now();
+        // SAFETY: RDTSC has no preconditions on x86_64.
+        let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+        while t0.elapsed() < window {
+            std::hint::spin_loop();
+        }
+        // SAFETY: as above.
+        let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = t0.elapsed().as_nanos() as u64;
+        let khz = (c1.wrapping_sub(c0)).saturating_mul(1_000_000) / ns.max(1);
+        u32::try_from(khz).ok().filter(|k| *k > 100_000)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
 /// Finds a binary: a path with a `/` is taken as it is, a bare name is looked
 /// up on `PATH`.
 pub fn find_binary(name: &Path) -> Option<PathBuf> {

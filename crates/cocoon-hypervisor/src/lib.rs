@@ -48,6 +48,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// The host directory shared with the guest over virtio-fs.
     pub shared_dir: PathBuf,
+    /// The guest's TSC rate, where the guest cannot calibrate it reliably
+    /// (see [`host::tsc_khz`]).
+    pub tsc_khz: Option<u32>,
 }
 
 impl VmSpec {

@@ -45,6 +45,9 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         ResolvedAccel::Tcg => ("tcg,thread=multi", "max"),
     };
     let mut params = BASE_KERNEL_PARAMS.to_string();
+    if let Some(khz) = spec.tsc_khz {
+        params.push_str(&format!(" tsc_early_khz={khz}"));
+    }
     if !h.kernel_params.is_empty() {
         params.push(' ');
         params.push_str(&h.kernel_params);
@@ -364,6 +367,7 @@ mod tests {
             vsock,
             run_dir: "/run/cocoon/t1".into(),
             shared_dir: "/run/cocoon/t1/shared".into(),
+            tsc_khz: None,
         }
     }
 
@@ -449,6 +453,18 @@ mod tests {
             ]
         );
         assert!(!joined(&s).contains("vhost-vsock.sock"));
+    }
+
+    #[test]
+    fn measured_tsc_rate_reaches_the_kernel() {
+        let mut s = spec(Machine::Microvm, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
+        s.tsc_khz = Some(2_596_118);
+        let append = &arg_after(&command_line(&s), "-append")[0];
+        assert!(append.contains(" tsc_early_khz=2596118 "), "{append}");
+        assert!(
+            append.ends_with(" foo=bar"),
+            "user parameters come last: {append}"
+        );
     }
 
     #[test]

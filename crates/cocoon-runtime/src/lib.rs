@@ -104,6 +104,10 @@ impl Sandbox {
             vsock,
             run_dir: dir.path().to_path_buf(),
             shared_dir: dir.shared().to_path_buf(),
+            tsc_khz: match accel {
+                cocoon_hypervisor::ResolvedAccel::Tcg => cocoon_hypervisor::host::tsc_khz(),
+                cocoon_hypervisor::ResolvedAccel::Kvm => None,
+            },
         };
         let hv_err = |source| Error::Hypervisor {
             id: id.into(),
@@ -235,12 +239,17 @@ async fn connect_agent(
                 console: vm.console_tail(30),
             });
         }
-        if let Ok(Ok(stream)) = tokio::time::timeout(
+        let attempt = tokio::time::timeout(
             Duration::from_millis(500),
             vm.vsock().connect(cocoon_protocols::AGENT_PORT),
         )
-        .await
-        {
+        .await;
+        if let Ok(Err(e)) = &attempt {
+            tracing::trace!(sandbox = id, "agent connect: {e}");
+        } else if attempt.is_err() {
+            tracing::trace!(sandbox = id, "agent connect: no answer in 500ms");
+        }
+        if let Ok(Ok(stream)) = attempt {
             let client = AgentClient::new(ttrpc::r#async::Client::new(
                 ttrpc::r#async::transport::Socket::new(stream),
             ));
@@ -263,6 +272,6 @@ async fn connect_agent(
                 console: vm.console_tail(30),
             });
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

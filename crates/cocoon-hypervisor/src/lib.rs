@@ -141,6 +141,8 @@ pub trait Hypervisor: Send + Sync {
 pub trait Vm: Send + Sync {
     /// The host pid of the VMM process.
     fn pid(&self) -> u32;
+    /// Every process the VM owns (VMM and daemons), by name.
+    fn pids(&self) -> Vec<(&'static str, u32)>;
     /// How to reach the guest's vsock ports.
     fn vsock(&self) -> &VsockConnector;
     /// Pauses every vCPU.

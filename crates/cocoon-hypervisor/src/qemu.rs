@@ -303,6 +303,14 @@ impl Vm for QemuVm {
         &self.connector
     }
 
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.qemu
+            .iter()
+            .chain(&self.helpers)
+            .map(|d| (d.what, d.pid()))
+            .collect()
+    }
+
     async fn pause(&mut self) -> Result<()> {
         self.qmp_do(async |q| q.stop().await).await
     }

@@ -16,7 +16,7 @@ use cocoon_protocols::agent_ttrpc::AgentClient;
 use cocoon_protocols::{StreamHeader, StreamKind};
 use tokio::io::AsyncWriteExt;
 
-pub use rundir::RunDir;
+pub use rundir::{cleanup_dead, RunDir};
 
 /// Why a sandbox operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,9 @@ impl Sandbox {
             source,
         };
         let mut vm = hypervisor.launch(&spec).await.map_err(hv_err)?;
-        dir.record_pid("qemu", vm.pid());
+        for (name, pid) in vm.pids() {
+            dir.record_pid(name, pid);
+        }
         let timeout = config.hypervisor.boot_timeout;
         let (agent, kernel_release) = match connect_agent(id, vm.as_mut(), timeout).await {
             Ok(a) => a,
@@ -182,6 +184,58 @@ impl Sandbox {
         self.dir.unbind_rootfs(container_id)
     }
 
+    /// A cloneable handle on the agent and the stream port.
+    pub fn channel(&self) -> Channel {
+        Channel {
+            id: self.id.clone(),
+            agent: self.agent.clone(),
+            vsock: self.vm.vsock().clone(),
+        }
+    }
+
+    /// The state directory of this sandbox.
+    pub fn run_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Opens one stdio stream of a process (`exec_id` empty for the init).
+    pub async fn open_stream(
+        &self,
+        kind: StreamKind,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<VsockStream> {
+        self.channel()
+            .open_stream(kind, container_id, exec_id)
+            .await
+    }
+
+    /// Powers the guest off and releases every host resource.
+    pub async fn stop(mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.agent
+                .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
+        )
+        .await;
+        self.vm.shutdown(Duration::from_secs(3)).await;
+        tracing::info!(sandbox = %self.id, "stopped");
+    }
+}
+
+/// The agent and the stream port of a sandbox, cheap to clone.
+#[derive(Clone)]
+pub struct Channel {
+    id: String,
+    agent: AgentClient,
+    vsock: cocoon_hypervisor::VsockConnector,
+}
+
+impl Channel {
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
     /// Opens one stdio stream of a process (`exec_id` empty for the init).
     pub async fn open_stream(
         &self,
@@ -196,8 +250,7 @@ impl Sandbox {
             source,
         };
         let mut s = self
-            .vm
-            .vsock()
+            .vsock
             .connect(cocoon_protocols::STREAM_PORT)
             .await
             .map_err(err)?;
@@ -208,18 +261,6 @@ impl Sandbox {
         };
         s.write_all(header.encode().as_bytes()).await.map_err(err)?;
         Ok(s)
-    }
-
-    /// Powers the guest off and releases every host resource.
-    pub async fn stop(mut self) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.agent
-                .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
-        )
-        .await;
-        self.vm.shutdown(Duration::from_secs(3)).await;
-        tracing::info!(sandbox = %self.id, "stopped");
     }
 }
 

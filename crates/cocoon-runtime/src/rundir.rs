@@ -153,3 +153,52 @@ fn remove_no_follow(dir: &Path) {
         tracing::warn!("could not remove {}: {e}", dir.display());
     }
 }
+
+/// Cleans up after an owner that died: kills the processes recorded in
+/// `*.pid`, unmounts everything below `dir`, removes it.
+pub async fn cleanup_dead(dir: &Path) {
+    let mut pids = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pid") {
+                if let Some(pid) = std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    // Only if it is still ours: its command line names this directory.
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        // Reap them if they were our children; else wait for their parent to.
+        for p in &pids {
+            let _ = nix::sys::wait::waitpid(*p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = umount2(Path::new(&m), MntFlags::MNT_DETACH);
+    }
+    remove_no_follow(dir);
+}

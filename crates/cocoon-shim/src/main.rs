@@ -1,0 +1,131 @@
+//! `containerd-shim-cocoon-v2`: the containerd runtime `io.containerd.cocoon.v2`.
+//!
+//! One shim per pod: `start` groups containers by the CRI sandbox id; the
+//! serving shim boots the pod's VM at the first Create and stops it when the
+//! last task is gone. `delete` cleans up after a shim that died.
+
+mod error;
+mod io;
+mod options;
+mod service;
+mod state;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::{Config, Flags, StartOpts};
+
+const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
+const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+struct CocoonShim {
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// The pod a bundle's container belongs to: its CRI sandbox, or itself.
+fn grouping(bundle: &Path, id: &str) -> String {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
+    let ann = spec
+        .as_ref()
+        .and_then(|s| s.annotations().clone())
+        .unwrap_or_default();
+    match (
+        ann.get(ANNOTATION_CONTAINER_TYPE).map(String::as_str),
+        ann.get(ANNOTATION_SANDBOX_ID),
+    ) {
+        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => sandbox.clone(),
+        _ => id.to_string(),
+    }
+}
+
+#[async_trait]
+impl Shim for CocoonShim {
+    type T = service::Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Self {
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let bundle =
+            std::env::current_dir().map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
+        let group = grouping(&bundle, &opts.id);
+        let address = spawn(opts, &group, Vec::new()).await?;
+        // containerd reads the address from here; without it stale sockets pile up.
+        std::fs::write("address", &address)
+            .map_err(|e| containerd_shim::Error::Other(format!("write address: {e}")))?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let bundle =
+            std::env::current_dir().map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
+        cleanup_dead_shim(&bundle).await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(DeleteResponse {
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(
+                containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos() as i32,
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        service::Service::new(&self.namespace, publisher, self.exit.clone())
+    }
+}
+
+/// The `delete` path: if the pod's shim is gone, kill its VM and daemons,
+/// undo its mounts and remove its state; if it still serves (a failed Create
+/// in a live pod), only this bundle's rootfs mount is undone.
+async fn cleanup_dead_shim(bundle: &Path) {
+    let rootfs = bundle.join("rootfs");
+    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    let pointer = bundle.join(service::SANDBOX_POINTER);
+    let Ok(run_dir) = std::fs::read_to_string(&pointer) else {
+        return;
+    };
+    let _ = std::fs::remove_file(&pointer);
+    let alive = match std::fs::read_to_string(bundle.join("address")) {
+        Ok(addr) => {
+            let path = addr.trim().trim_start_matches("unix://").to_string();
+            tokio::net::UnixStream::connect(path).await.is_ok()
+        }
+        Err(_) => false,
+    };
+    if alive {
+        return;
+    }
+    cocoon_runtime::cleanup_dead(Path::new(&run_dir)).await;
+}
+
+#[tokio::main]
+async fn main() {
+    let config = Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::asynchronous::run::<CocoonShim>(RUNTIME_ID, Some(config)).await;
+}

@@ -17,6 +17,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (it installs packages, and VMs need mounts)" >&2
   exit 1
 fi
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 if ! command -v cargo >/dev/null; then
   echo "setup.sh: cargo not found; install Rust (rustup, 1.85 or newer) first" >&2
   exit 1
@@ -32,7 +33,6 @@ apt-get install -y -q --no-install-recommends \
 
 say "rust-vmm daemons (virtiofsd 1.14, vhost-device-vsock 0.3)"
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
-export PATH="$cargo_bin:$PATH"
 installed() { cargo install --list | grep -q "^$1 v$2:"; }
 installed virtiofsd 1.14.0 || cargo install --locked virtiofsd@1.14.0
 installed vhost-device-vsock 0.3.0 || cargo install --locked vhost-device-vsock@0.3.0
@@ -40,7 +40,7 @@ for b in virtiofsd vhost-device-vsock; do install -m 0755 "$cargo_bin/$b" /usr/l
 
 say "Cocoon (cargo build --release)"
 cargo build --release --locked --workspace
-for b in cocoon cocoon-agent; do install -m 0755 target/release/$b /usr/local/bin/$b; done
+for b in cocoon cocoon-agent containerd-shim-cocoon-v2; do install -m 0755 target/release/$b /usr/local/bin/$b; done
 
 say "guest image"
 cocoon image build --agent target/release/cocoon-agent --out /var/lib/cocoon/guest

@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, then the end-to-end tests that boot
 # real VMs (QEMU, virtiofsd, vhost-device-vsock, the guest image built by
-# scripts/setup.sh). Needs root.
+# scripts/setup.sh), directly (`cocoon run`) and through a private
+# containerd driven with `ctr`. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export COCOON_GUEST_DIR="${COCOON_GUEST_DIR:-/var/lib/cocoon/guest}"
+
+cargo build --release --locked --workspace
+bash scripts/busybox-oci.sh build/busybox-oci.tar > /dev/null
+
+ctd=$(mktemp -d /tmp/cocoon-containerd.XXXXXX)
+cleanup() {
+  bash scripts/containerd.sh stop "$ctd" || true
+  rm -rf "$ctd"
+}
+trap cleanup EXIT
+export COCOON_TEST_CONTAINERD=$(bash scripts/containerd.sh start "$ctd")
+
 # Two cores run at most a few TCG guests well at once.
 cargo test --release --locked --workspace -- --include-ignored --test-threads=2

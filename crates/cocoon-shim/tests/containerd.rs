@@ -1,0 +1,300 @@
+//! End-to-end tests: a private containerd 1.6 (started by
+//! `scripts/containerd.sh`, its socket in `COCOON_TEST_CONTAINERD`) driven
+//! with the real `ctr`, running the offline busybox image on the Cocoon
+//! runtime. `#[ignore]`d in a plain `cargo test`; `scripts/test.sh` starts
+//! containerd and runs them.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const IMAGE: &str = "docker.io/library/busybox:cocoon";
+const RUNTIME: &str = "io.containerd.cocoon.v2";
+const NS: &str = "cocoon-e2e";
+
+fn socket() -> String {
+    std::env::var("COCOON_TEST_CONTAINERD")
+        .expect("COCOON_TEST_CONTAINERD is not set: start containerd with scripts/containerd.sh (scripts/test.sh does)")
+}
+
+fn ctr(args: &[&str]) -> Output {
+    let out = Command::new("ctr")
+        .args(["--address", &socket(), "--namespace", NS])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ctr");
+    out
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn import_image() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let tar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/busybox-oci.tar");
+        assert!(tar.is_file(), "{} missing: run scripts/busybox-oci.sh", tar.display());
+        let o = ctr(&["images", "import", tar.to_str().unwrap()]);
+        assert!(o.status.success(), "import: {:?}", text(&o));
+    });
+}
+
+fn run_rm(id: &str, extra: &[&str], cmd: &[&str]) -> Output {
+    import_image();
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id]);
+    args.extend_from_slice(cmd);
+    ctr(&args)
+}
+
+/// A detached task; removed (with its container) when dropped.
+struct Task {
+    id: String,
+}
+
+impl Task {
+    fn start(id: &str, extra: &[&str], cmd: &[&str]) -> Self {
+        import_image();
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, id]);
+        args.extend_from_slice(cmd);
+        let o = ctr(&args);
+        assert!(o.status.success(), "ctr run -d {id}: {:?}", text(&o));
+        Self { id: id.into() }
+    }
+
+    fn status(&self) -> String {
+        let o = ctr(&["task", "ls"]);
+        let (out, _) = text(&o);
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(&self.id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn wait_status(&self, want: &str) {
+        for _ in 0..100 {
+            if self.status() == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("task {} never reached {want} (is {})", self.id, self.status());
+    }
+
+    fn exec(&self, exec_id: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, &self.id];
+        args.extend_from_slice(cmd);
+        ctr(&args)
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let _ = ctr(&["task", "kill", "-s", "SIGKILL", &self.id]);
+        for _ in 0..50 {
+            if ctr(&["task", "rm", &self.id]).status.success() || self.status().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = ctr(&["container", "rm", &self.id]);
+        assert_no_leftovers(&self.id);
+    }
+}
+
+/// No VMM, daemon, mount or state of sandbox `id` is left on the host.
+fn assert_no_leftovers(id: &str) {
+    let marker = format!("/run/cocoon/{id}/");
+    let vm_name = format!("cocoon-{id} ");
+    for _ in 0..50 {
+        let mut left = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                if c.contains(&marker) || c.contains(&vm_name) {
+                    left.push(c);
+                }
+            }
+        }
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&marker))
+            .map(str::to_string)
+            .collect();
+        let dir = PathBuf::from(format!("/run/cocoon/{id}"));
+        if left.is_empty() && mounts.is_empty() && !dir.exists() {
+            return;
+        }
+        if std::env::var("COCOON_LEFTOVER_DEBUG").is_ok() {
+            eprintln!("{left:?} {mounts:?} {}", dir.exists());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("sandbox {id} left processes, mounts or {marker}");
+}
+
+fn flavour(name: &str, memory_mib: u32) -> PathBuf {
+    let dir = std::env::temp_dir().join("cocoon-e2e-flavours");
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest = std::env::var("COCOON_GUEST_DIR").unwrap_or_else(|_| "/var/lib/cocoon/guest".into());
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, format!("[hypervisor]\nmemory_mib = {memory_mib}\nboot_timeout_secs = 60\n[guest]\ndir = {guest:?}\n")).unwrap();
+    path
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn run_rm_echo() {
+    let o = run_rm("e2e-echo", &[], &["echo", "hello from cocoon"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out, "hello from cocoon\n");
+    assert_no_leftovers("e2e-echo");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn run_rm_exit_code() {
+    let o = run_rm("e2e-exit3", &[], &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert_eq!(out, "out\n");
+    assert!(err.contains("err"), "{err}");
+    assert_no_leftovers("e2e-exit3");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn exec_ps_pause_resume_metrics() {
+    let t = Task::start("e2e-life", &[], &["sleep", "1000"]);
+    t.wait_status("RUNNING");
+
+    let o = t.exec("x1", &["sh", "-c", "echo exec-out; exit 5"]);
+    assert_eq!(o.status.code(), Some(5), "{:?}", text(&o));
+    assert_eq!(text(&o).0, "exec-out\n");
+
+    // A duplicate exec id is refused with AlreadyExists.
+    let long = Command::new("ctr")
+        .args(["--address", &socket(), "--namespace", NS, "task", "exec", "--exec-id", "x2", "e2e-life", "sleep", "5"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let dup = t.exec("x2", &["true"]);
+    assert!(!dup.status.success());
+    assert!(text(&dup).1.contains("already exists"), "{:?}", text(&dup));
+    let _ = long.wait_with_output();
+
+    // With a terminal (ctr needs one itself: `script` gives it a pty).
+    let cmd = format!(
+        "ctr --address {} --namespace {NS} task exec -t --exec-id x3 e2e-life sh -c 'echo tty-exec; exit 7'",
+        socket()
+    );
+    let o = Command::new("script").args(["-qec", &cmd, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(o.status.code(), Some(7), "{:?}", text(&o));
+    assert!(text(&o).0.contains("tty-exec"), "{:?}", text(&o));
+
+    let o = ctr(&["task", "ps", "e2e-life"]);
+    let (out, _) = text(&o);
+    let pids: Vec<&str> = out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(!pids.is_empty(), "{out}");
+
+    assert!(ctr(&["task", "pause", "e2e-life"]).status.success());
+    t.wait_status("PAUSED");
+    assert!(ctr(&["task", "resume", "e2e-life"]).status.success());
+    t.wait_status("RUNNING");
+
+    let o = ctr(&["task", "metrics", "e2e-life"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let usage: u64 = out
+        .lines()
+        .find(|l| l.starts_with("memory.usage_in_bytes"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no memory usage in {out}"));
+    assert!(usage > 0, "{out}");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn kill_with_sigterm_and_sigkill() {
+    let t = Task::start("e2e-term", &[], &["sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.2; done"]);
+    t.wait_status("RUNNING");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ctr(&["task", "kill", "-s", "SIGTERM", "e2e-term"]).status.success());
+    t.wait_status("STOPPED");
+    drop(t);
+
+    let t = Task::start("e2e-kill", &[], &["sleep", "1000"]);
+    t.wait_status("RUNNING");
+    assert!(ctr(&["task", "kill", "-s", "SIGKILL", "e2e-kill"]).status.success());
+    t.wait_status("STOPPED");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn runtime_config_path_selects_the_flavour() {
+    let small = flavour("small", 256);
+    let large = flavour("large", 768);
+    let mem = |id: &str, f: &PathBuf| {
+        let o = run_rm(id, &["--runtime-config-path", f.to_str().unwrap()], &["grep", "MemTotal", "/proc/meminfo"]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        let kib: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert_no_leftovers(id);
+        kib
+    };
+    let a = mem("e2e-small", &small);
+    let b = mem("e2e-large", &large);
+    assert!(a < 256 * 1024 && b > 512 * 1024 && b < 768 * 1024, "small {a} kB, large {b} kB");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn missing_runtime_config_path_names_the_file() {
+    let o = run_rm("e2e-nocfg", &["--runtime-config-path", "/nonexistent/cocoon-flavour.toml"], &["true"]);
+    assert!(!o.status.success());
+    let (_, err) = text(&o);
+    assert!(err.contains("/nonexistent/cocoon-flavour.toml"), "{err}");
+    let _ = ctr(&["container", "rm", "e2e-nocfg"]);
+    assert_no_leftovers("e2e-nocfg");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn killed_shim_is_cleaned_up() {
+    let t = Task::start("e2e-shimkill", &[], &["sleep", "1000"]);
+    t.wait_status("RUNNING");
+    let shim = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            (c.contains("containerd-shim-cocoon-v2") && c.contains("-id e2e-shimkill")).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .next()
+        .expect("shim process of e2e-shimkill");
+    Command::new("kill").args(["-9", &shim]).status().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..50 {
+        if ctr(&["task", "rm", "-f", "e2e-shimkill"]).status.success() || t.status().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = ctr(&["container", "rm", "e2e-shimkill"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_no_leftovers("e2e-shimkill");
+    std::mem::forget(t);
+}

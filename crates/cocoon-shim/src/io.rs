@@ -49,6 +49,75 @@ pub async fn open_output(
     })
 }
 
+type Writer = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// A `binary://` logger, started as containerd's runc shim starts one: the
+/// process's stdout and stderr reach it on fds 3 and 4, and it closes (or
+/// writes to) fd 5 when it is ready. Query parameters become arguments
+/// (`?key=value` → `key value`); `CONTAINER_ID` and `CONTAINER_NAMESPACE`
+/// are set.
+pub async fn spawn_binary(
+    uri: &str,
+    container_id: &str,
+    namespace: &str,
+) -> Result<(Writer, Writer, tokio::process::Child)> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let rest = uri.strip_prefix("binary://").unwrap_or(uri);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut args = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        args.push(k.to_string());
+        if !v.is_empty() {
+            args.push(v.to_string());
+        }
+    }
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::Internal(format!("pipe: {e}")))
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let fds: [OwnedFd; 3] = [out_r, err_r, ready_w];
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = tokio::process::Command::new(path);
+    cmd.args(&args)
+        .env("CONTAINER_ID", container_id)
+        .env("CONTAINER_NAMESPACE", namespace)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: dup2 is async-signal-safe; the fds stay open in the parent
+    // (owned by `fds`) until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (src, dst) in raw.iter().zip(3..) {
+                if libc::dup2(*src, dst) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::InvalidArgument(format!("stdio binary {path}: {e}")))?;
+    drop(fds);
+    // Wait until the logger is ready (it writes or closes fd 5).
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::from(ready_r);
+        let mut b = [0u8; 1];
+        let _ = f.read(&mut b);
+    });
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ready).await;
+    let to_writer = |fd: OwnedFd| -> Result<Writer> {
+        let f = std::fs::File::from(fd);
+        Ok(Box::new(tokio::fs::File::from_std(f)))
+    };
+    Ok((to_writer(out_w)?, to_writer(err_w)?, child))
+}
+
 /// Copies a guest output stream to its destination until the stream ends.
 pub async fn copy_out(
     mut stream: VsockStream,

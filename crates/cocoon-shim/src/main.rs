@@ -26,6 +26,7 @@ const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 struct CocoonShim {
     namespace: String,
+    id: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -50,8 +51,10 @@ impl Shim for CocoonShim {
     type T = service::Service;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        init_logging(args);
         Self {
             namespace: args.namespace.clone(),
+            id: args.id.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -92,8 +95,35 @@ impl Shim for CocoonShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        service::Service::new(&self.namespace, publisher, self.exit.clone())
+        service::Service::new(&self.namespace, &self.id, publisher, self.exit.clone())
     }
+}
+
+/// Serving, logs go to containerd's `log` fifo in the bundle; `start` and
+/// `delete` log to stderr (stdout carries their answer). `-debug` (or
+/// `$COCOON_SHIM_LOG`) raises the level.
+fn init_logging(args: &Flags) {
+    let level = std::env::var("COCOON_SHIM_LOG").unwrap_or_else(|_| {
+        if args.debug {
+            "debug".into()
+        } else {
+            "info".into()
+        }
+    });
+    let filter = tracing_subscriber::EnvFilter::new(level);
+    let builder = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(filter);
+    let fifo = if args.action.is_empty() {
+        std::fs::OpenOptions::new().write(true).open("log").ok()
+    } else {
+        None
+    };
+    let _ = match fifo {
+        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
 }
 
 /// The `delete` path: if the pod's shim is gone, kill its VM and daemons,
@@ -125,6 +155,8 @@ async fn main() {
     let config = Config {
         no_reaper: true,
         no_sub_reaper: true,
+        // Cocoon logs through tracing, to the same fifo (see init_logging).
+        no_setup_logger: true,
         ..Default::default()
     };
     containerd_shim::asynchronous::run::<CocoonShim>(RUNTIME_ID, Some(config)).await;

@@ -95,6 +95,7 @@ struct Shared {
     pod: tokio::sync::Mutex<Option<Pod>>,
     channel: Mutex<Option<Channel>>,
     vmm_pid: Mutex<u32>,
+    sandbox_id: Mutex<String>,
     containers: Mutex<HashMap<String, Container>>,
 }
 
@@ -117,7 +118,12 @@ fn any_json_type(any: &Any) -> &str {
 }
 
 impl Service {
-    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        namespace: &str,
+        shim_id: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
         Self {
             s: Arc::new(Shared {
                 namespace: namespace.into(),
@@ -126,6 +132,7 @@ impl Service {
                 pod: tokio::sync::Mutex::new(None),
                 channel: Mutex::new(None),
                 vmm_pid: Mutex::new(0),
+                sandbox_id: Mutex::new(shim_id.into()),
                 containers: Mutex::new(HashMap::new()),
             }),
         }
@@ -145,6 +152,11 @@ impl Service {
         if let Err(e) = r {
             tracing::warn!("publish {topic}: {e}");
         }
+    }
+
+    /// The pod's sandbox id, for log lines.
+    fn sandbox(&self) -> String {
+        self.s.sandbox_id.lock().unwrap().clone()
     }
 
     fn channel(&self) -> Result<Channel> {
@@ -204,6 +216,7 @@ impl Service {
             .as_ref()
             .and_then(|a| a.get(ANNOTATION_SANDBOX_ID).cloned())
             .unwrap_or_else(|| req.id.clone());
+        *self.s.sandbox_id.lock().unwrap() = sandbox_id.clone();
         tracing::info!(sandbox = %sandbox_id, config = %loaded.source, "booting pod VM");
         let sandbox = Sandbox::start(&sandbox_id, &loaded.config, &cocoon_hypervisor::Qemu).await?;
         let channel = sandbox.channel();
@@ -448,13 +461,38 @@ impl Service {
         stderr: &str,
         terminal: bool,
     ) -> Result<()> {
+        let (out_dest, err_dest, logger) = if stdout.starts_with("binary://") {
+            let (o, e, child) = crate::io::spawn_binary(stdout, id, &self.s.namespace).await?;
+            (Some(o), Some(e), Some(child))
+        } else {
+            let o = crate::io::open_output(stdout).await?;
+            let e = if terminal {
+                None
+            } else {
+                crate::io::open_output(stderr).await?
+            };
+            (o, e, None)
+        };
         let out = channel.open_stream(StreamKind::Stdout, id, exec_id).await?;
-        let out_dest = crate::io::open_output(stdout).await?;
         let mut copies = vec![tokio::spawn(crate::io::copy_out(out, out_dest))];
         if !terminal {
             let err = channel.open_stream(StreamKind::Stderr, id, exec_id).await?;
-            let err_dest = crate::io::open_output(stderr).await?;
             copies.push(tokio::spawn(crate::io::copy_out(err, err_dest)));
+        }
+        if let Some(mut child) = logger {
+            // The logger ends when its inputs close; it is reaped here.
+            let done = std::mem::take(&mut copies);
+            copies.push(tokio::spawn(async move {
+                for c in done {
+                    let _ = c.await;
+                }
+                if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            }));
         }
         if stdin.is_empty() {
             let req = ag::ProcessRequest {
@@ -851,6 +889,7 @@ fn ok<T>(r: Result<T>) -> ttrpc::Result<T> {
 
 #[async_trait]
 impl Task for Service {
+    #[tracing::instrument(name = "state", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn state(
         &self,
         _: &TtrpcContext,
@@ -889,6 +928,7 @@ impl Task for Service {
         ok(r)
     }
 
+    #[tracing::instrument(name = "create", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn create(
         &self,
         _: &TtrpcContext,
@@ -897,6 +937,7 @@ impl Task for Service {
         ok(self.create(req).await)
     }
 
+    #[tracing::instrument(name = "start", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn start(
         &self,
         _: &TtrpcContext,
@@ -905,6 +946,7 @@ impl Task for Service {
         ok(self.start(req).await)
     }
 
+    #[tracing::instrument(name = "delete", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn delete(
         &self,
         _: &TtrpcContext,
@@ -913,6 +955,7 @@ impl Task for Service {
         ok(self.delete(req).await)
     }
 
+    #[tracing::instrument(name = "pids", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn pids(
         &self,
         _: &TtrpcContext,
@@ -946,6 +989,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "pause", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> ttrpc::Result<api::Empty> {
         let r = async {
             self.with_proc(&req.id, "", |p| p.state.pause(&req.id).map(drop))?;
@@ -975,6 +1019,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "resume", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> ttrpc::Result<api::Empty> {
         let r = async {
             self.with_proc(&req.id, "", |p| p.state.resume(&req.id).map(drop))?;
@@ -1004,6 +1049,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "checkpoint", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn checkpoint(
         &self,
         _: &TtrpcContext,
@@ -1015,6 +1061,7 @@ impl Task for Service {
         ))))
     }
 
+    #[tracing::instrument(name = "kill", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<api::Empty> {
         let r = async {
             let state = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.state))?;
@@ -1041,6 +1088,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "exec", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn exec(
         &self,
         _: &TtrpcContext,
@@ -1091,6 +1139,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "resize_pty", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn resize_pty(
         &self,
         _: &TtrpcContext,
@@ -1115,6 +1164,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "close_io", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn close_io(
         &self,
         _: &TtrpcContext,
@@ -1131,6 +1181,7 @@ impl Task for Service {
         ok(r)
     }
 
+    #[tracing::instrument(name = "update", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn update(
         &self,
         _: &TtrpcContext,
@@ -1164,6 +1215,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "wait", skip_all, fields(sandbox = %self.sandbox(), container = %req.id, exec = %req.exec_id))]
     async fn wait(
         &self,
         _: &TtrpcContext,
@@ -1188,6 +1240,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "stats", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn stats(
         &self,
         _: &TtrpcContext,
@@ -1220,6 +1273,7 @@ impl Task for Service {
         ok(r.await)
     }
 
+    #[tracing::instrument(name = "connect", skip_all, fields(sandbox = %self.sandbox()))]
     async fn connect(
         &self,
         _: &TtrpcContext,
@@ -1232,6 +1286,7 @@ impl Task for Service {
         })
     }
 
+    #[tracing::instrument(name = "shutdown", skip_all, fields(sandbox = %self.sandbox()))]
     async fn shutdown(
         &self,
         _: &TtrpcContext,

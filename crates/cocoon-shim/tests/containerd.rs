@@ -28,14 +28,21 @@ fn ctr(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn import_image() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let tar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/busybox-oci.tar");
-        assert!(tar.is_file(), "{} missing: run scripts/busybox-oci.sh", tar.display());
+        assert!(
+            tar.is_file(),
+            "{} missing: run scripts/busybox-oci.sh",
+            tar.display()
+        );
         let o = ctr(&["images", "import", tar.to_str().unwrap()]);
         assert!(o.status.success(), "import: {:?}", text(&o));
     });
@@ -58,6 +65,9 @@ struct Task {
 impl Task {
     fn start(id: &str, extra: &[&str], cmd: &[&str]) -> Self {
         import_image();
+        // A container left by an earlier, failed run of this test.
+        let _ = ctr(&["task", "rm", "-f", id]);
+        let _ = ctr(&["container", "rm", id]);
         let mut args = vec!["run", "-d", "--runtime", RUNTIME];
         args.extend_from_slice(extra);
         args.extend_from_slice(&[IMAGE, id]);
@@ -84,7 +94,11 @@ impl Task {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("task {} never reached {want} (is {})", self.id, self.status());
+        panic!(
+            "task {} never reached {want} (is {})",
+            self.id,
+            self.status()
+        );
     }
 
     fn exec(&self, exec_id: &str, cmd: &[&str]) -> Output {
@@ -143,7 +157,8 @@ fn assert_no_leftovers(id: &str) {
 fn flavour(name: &str, memory_mib: u32) -> PathBuf {
     let dir = std::env::temp_dir().join("cocoon-e2e-flavours");
     std::fs::create_dir_all(&dir).unwrap();
-    let guest = std::env::var("COCOON_GUEST_DIR").unwrap_or_else(|_| "/var/lib/cocoon/guest".into());
+    let guest =
+        std::env::var("COCOON_GUEST_DIR").unwrap_or_else(|_| "/var/lib/cocoon/guest".into());
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, format!("[hypervisor]\nmemory_mib = {memory_mib}\nboot_timeout_secs = 60\n[guest]\ndir = {guest:?}\n")).unwrap();
     path
@@ -162,7 +177,11 @@ fn run_rm_echo() {
 #[test]
 #[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
 fn run_rm_exit_code() {
-    let o = run_rm("e2e-exit3", &[], &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    let o = run_rm(
+        "e2e-exit3",
+        &[],
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert_eq!(out, "out\n");
@@ -182,7 +201,19 @@ fn exec_ps_pause_resume_metrics() {
 
     // A duplicate exec id is refused with AlreadyExists.
     let long = Command::new("ctr")
-        .args(["--address", &socket(), "--namespace", NS, "task", "exec", "--exec-id", "x2", "e2e-life", "sleep", "5"])
+        .args([
+            "--address",
+            &socket(),
+            "--namespace",
+            NS,
+            "task",
+            "exec",
+            "--exec-id",
+            "x2",
+            "e2e-life",
+            "sleep",
+            "5",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -199,13 +230,21 @@ fn exec_ps_pause_resume_metrics() {
         "ctr --address {} --namespace {NS} task exec -t --exec-id x3 e2e-life sh -c 'echo tty-exec; exit 7'",
         socket()
     );
-    let o = Command::new("script").args(["-qec", &cmd, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(7), "{:?}", text(&o));
     assert!(text(&o).0.contains("tty-exec"), "{:?}", text(&o));
 
     let o = ctr(&["task", "ps", "e2e-life"]);
     let (out, _) = text(&o);
-    let pids: Vec<&str> = out.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    let pids: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     assert!(!pids.is_empty(), "{out}");
 
     assert!(ctr(&["task", "pause", "e2e-life"]).status.success());
@@ -228,16 +267,28 @@ fn exec_ps_pause_resume_metrics() {
 #[test]
 #[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
 fn kill_with_sigterm_and_sigkill() {
-    let t = Task::start("e2e-term", &[], &["sh", "-c", "trap 'exit 143' TERM; while true; do sleep 0.2; done"]);
+    let t = Task::start(
+        "e2e-term",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 143' TERM; while true; do sleep 0.2; done",
+        ],
+    );
     t.wait_status("RUNNING");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(ctr(&["task", "kill", "-s", "SIGTERM", "e2e-term"]).status.success());
+    assert!(ctr(&["task", "kill", "-s", "SIGTERM", "e2e-term"])
+        .status
+        .success());
     t.wait_status("STOPPED");
     drop(t);
 
     let t = Task::start("e2e-kill", &[], &["sleep", "1000"]);
     t.wait_status("RUNNING");
-    assert!(ctr(&["task", "kill", "-s", "SIGKILL", "e2e-kill"]).status.success());
+    assert!(ctr(&["task", "kill", "-s", "SIGKILL", "e2e-kill"])
+        .status
+        .success());
     t.wait_status("STOPPED");
 }
 
@@ -247,7 +298,11 @@ fn runtime_config_path_selects_the_flavour() {
     let small = flavour("small", 256);
     let large = flavour("large", 768);
     let mem = |id: &str, f: &PathBuf| {
-        let o = run_rm(id, &["--runtime-config-path", f.to_str().unwrap()], &["grep", "MemTotal", "/proc/meminfo"]);
+        let o = run_rm(
+            id,
+            &["--runtime-config-path", f.to_str().unwrap()],
+            &["grep", "MemTotal", "/proc/meminfo"],
+        );
         let (out, err) = text(&o);
         assert!(o.status.success(), "{err}");
         let kib: u64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -256,13 +311,20 @@ fn runtime_config_path_selects_the_flavour() {
     };
     let a = mem("e2e-small", &small);
     let b = mem("e2e-large", &large);
-    assert!(a < 256 * 1024 && b > 512 * 1024 && b < 768 * 1024, "small {a} kB, large {b} kB");
+    assert!(
+        a < 256 * 1024 && b > 512 * 1024 && b < 768 * 1024,
+        "small {a} kB, large {b} kB"
+    );
 }
 
 #[test]
 #[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
 fn missing_runtime_config_path_names_the_file() {
-    let o = run_rm("e2e-nocfg", &["--runtime-config-path", "/nonexistent/cocoon-flavour.toml"], &["true"]);
+    let o = run_rm(
+        "e2e-nocfg",
+        &["--runtime-config-path", "/nonexistent/cocoon-flavour.toml"],
+        &["true"],
+    );
     assert!(!o.status.success());
     let (_, err) = text(&o);
     assert!(err.contains("/nonexistent/cocoon-flavour.toml"), "{err}");
@@ -281,7 +343,8 @@ fn killed_shim_is_cleaned_up() {
         .filter_map(|e| {
             let c = std::fs::read(e.path().join("cmdline")).ok()?;
             let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            (c.contains("containerd-shim-cocoon-v2") && c.contains("-id e2e-shimkill")).then(|| e.file_name().to_string_lossy().into_owned())
+            (c.contains("containerd-shim-cocoon-v2") && c.contains("-id e2e-shimkill"))
+                .then(|| e.file_name().to_string_lossy().into_owned())
         })
         .next()
         .expect("shim process of e2e-shimkill");
@@ -297,4 +360,112 @@ fn killed_shim_is_cleaned_up() {
     assert!(o.status.success(), "{:?}", text(&o));
     assert_no_leftovers("e2e-shimkill");
     std::mem::forget(t);
+}
+
+/// `ctr` 1.6 has no `task update`; call the shim's Task service on its own
+/// socket (the one containerd uses) and read the limit back through
+/// `ctr task metrics`, which the guest cgroup answers.
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn update_memory_limit_reaches_the_guest_cgroup() {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::shim_async::TaskClient;
+
+    let t = Task::start("e2e-update", &[], &["sleep", "1000"]);
+    t.wait_status("RUNNING");
+    let state = PathBuf::from(socket())
+        .parent()
+        .unwrap()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(NS)
+        .join("e2e-update/address");
+    let address =
+        std::fs::read_to_string(&state).unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ok, wrong) = rt.block_on(async {
+        let client = TaskClient::new(
+            ttrpc::r#async::Client::connect(address.trim())
+                .await
+                .unwrap(),
+        );
+        let mut ctx = ttrpc::context::with_timeout(30_000_000_000);
+        ctx.add("containerd-namespace-ttrpc".into(), NS.into());
+        let limit = 96 * 1024 * 1024;
+        let req = UpdateTaskRequest {
+            id: "e2e-update".into(),
+            resources: Some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: serde_json::to_vec(&serde_json::json!({"memory": {"limit": limit}}))
+                    .unwrap(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let ok = client.update(ctx.clone(), &req).await;
+        let mut bad = req.clone();
+        bad.resources.as_mut().unwrap().type_url =
+            "types.containerd.io/opencontainers/runtime-spec/1/Process".into();
+        let wrong = client.update(ctx, &bad).await;
+        (ok, wrong)
+    });
+    ok.expect("update");
+    match wrong {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}")
+        }
+        other => panic!("a Process payload for Update gave {other:?}"),
+    }
+    let o = ctr(&["task", "metrics", "e2e-update"]);
+    let (out, _) = text(&o);
+    let limit: u64 = out
+        .lines()
+        .find(|l| l.starts_with("memory.limit_in_bytes"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no memory limit in {out}"));
+    assert_eq!(limit, 96 * 1024 * 1024, "{out}");
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn file_and_binary_log_uris() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("out.log");
+    let uri = format!("file://{}", log.display());
+    let o = run_rm(
+        "e2e-logfile",
+        &["--log-uri", &uri],
+        &["sh", "-c", "echo to-out; echo to-err >&2"],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("to-out") && logged.contains("to-err"),
+        "{logged:?}"
+    );
+
+    let script = dir.path().join("logger.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n# args: dir DIR; stdout on fd 3, stderr on fd 4, ready on fd 5\ncat <&3 > \"$2/stdout\" &\ncat <&4 > \"$2/stderr\" &\nexec 5>&-\nwait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?dir={}", script.display(), dir.path().display());
+    let o = run_rm(
+        "e2e-logbin",
+        &["--log-uri", &uri],
+        &["sh", "-c", "echo bin-out; echo bin-err >&2"],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let out = std::fs::read_to_string(dir.path().join("stdout")).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    assert_eq!(out, "bin-out\n");
+    assert_eq!(err, "bin-err\n");
+    assert_no_leftovers("e2e-logbin");
 }

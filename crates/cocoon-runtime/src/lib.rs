@@ -232,6 +232,15 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// A channel to the agent behind `vsock` (tests put a fake guest there).
+    pub fn new(id: &str, agent: AgentClient, vsock: cocoon_hypervisor::VsockConnector) -> Self {
+        Self {
+            id: id.into(),
+            agent,
+            vsock,
+        }
+    }
+
     pub fn agent(&self) -> &AgentClient {
         &self.agent
     }

@@ -5,8 +5,11 @@
 //! last task is gone. `delete` cleans up after a shim that died.
 
 mod error;
+#[cfg(test)]
+mod fake;
 mod io;
 mod options;
+mod pod;
 mod service;
 mod state;
 
@@ -95,7 +98,16 @@ impl Shim for CocoonShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        service::Service::new(&self.namespace, &self.id, publisher, self.exit.clone())
+        service::Service::new(
+            &self.namespace,
+            &self.id,
+            Arc::new(pod::RemoteEvents {
+                publisher,
+                namespace: self.namespace.clone(),
+            }),
+            Arc::new(pod::QemuLauncher),
+            self.exit.clone(),
+        )
     }
 }
 

@@ -8,8 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use cocoon_protocols::agent as ag;
 use cocoon_protocols::StreamKind;
-use cocoon_runtime::{ctx, Channel, Sandbox, CALL_TIMEOUT};
-use containerd_shim::asynchronous::publisher::RemotePublisher;
+use cocoon_runtime::{ctx, Channel, CALL_TIMEOUT};
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
@@ -25,6 +24,7 @@ use containerd_shim::TtrpcContext;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::pod::{Events, Launcher, PodHandle};
 use crate::state::ProcState;
 
 /// Name of the file in each bundle that points at the pod's state directory,
@@ -82,17 +82,13 @@ struct Container {
     execs: HashMap<String, Proc>,
 }
 
-struct Pod {
-    sandbox: Sandbox,
-    channel: Channel,
-}
-
 /// Shared by the service and its background tasks.
 struct Shared {
     namespace: String,
-    publisher: RemotePublisher,
+    events: Arc<dyn Events>,
+    launcher: Arc<dyn Launcher>,
     exit: Arc<ExitSignal>,
-    pod: tokio::sync::Mutex<Option<Pod>>,
+    pod: tokio::sync::Mutex<Option<Box<dyn PodHandle>>>,
     channel: Mutex<Option<Channel>>,
     vmm_pid: Mutex<u32>,
     sandbox_id: Mutex<String>,
@@ -121,13 +117,15 @@ impl Service {
     pub fn new(
         namespace: &str,
         shim_id: &str,
-        publisher: RemotePublisher,
+        events: Arc<dyn Events>,
+        launcher: Arc<dyn Launcher>,
         exit: Arc<ExitSignal>,
     ) -> Self {
         Self {
             s: Arc::new(Shared {
                 namespace: namespace.into(),
-                publisher,
+                events,
+                launcher,
                 exit,
                 pod: tokio::sync::Mutex::new(None),
                 channel: Mutex::new(None),
@@ -139,19 +137,7 @@ impl Service {
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let r = self
-            .s
-            .publisher
-            .publish(
-                containerd_shim::Context::default(),
-                topic,
-                &self.s.namespace,
-                event,
-            )
-            .await;
-        if let Err(e) = r {
-            tracing::warn!("publish {topic}: {e}");
-        }
+        self.s.events.publish(topic, event).await;
     }
 
     /// The pod's sandbox id, for log lines.
@@ -200,7 +186,7 @@ impl Service {
     ) -> Result<Channel> {
         let mut pod = self.s.pod.lock().await;
         if let Some(p) = pod.as_ref() {
-            return Ok(p.channel.clone());
+            return Ok(p.channel());
         }
         let opts = crate::options::decode(req.options.as_ref())
             .map_err(|e| Error::InvalidArgument(format!("task {}: {e}", req.id)))?;
@@ -218,7 +204,7 @@ impl Service {
             .unwrap_or_else(|| req.id.clone());
         *self.s.sandbox_id.lock().unwrap() = sandbox_id.clone();
         tracing::info!(sandbox = %sandbox_id, config = %loaded.source, "booting pod VM");
-        let sandbox = Sandbox::start(&sandbox_id, &loaded.config, &cocoon_hypervisor::Qemu).await?;
+        let sandbox = self.s.launcher.launch(&sandbox_id, &loaded.config).await?;
         let channel = sandbox.channel();
         *self.s.channel.lock().unwrap() = Some(channel.clone());
         *self.s.vmm_pid.lock().unwrap() = sandbox.vmm_pid();
@@ -226,10 +212,7 @@ impl Service {
             Path::new(&req.bundle).join(SANDBOX_POINTER),
             sandbox.run_dir().as_os_str().as_encoded_bytes(),
         );
-        *pod = Some(Pod {
-            sandbox,
-            channel: channel.clone(),
-        });
+        *pod = Some(sandbox);
         drop(pod);
         self.spawn_monitors(channel.clone());
         Ok(channel)
@@ -263,7 +246,7 @@ impl Service {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let mut pod = me.s.pod.lock().await;
                 let Some(p) = pod.as_mut() else { return };
-                if let Some(status) = p.sandbox.vm().try_wait() {
+                if let Some(status) = p.try_wait() {
                     tracing::error!(
                         "pod VM exited ({status}); every task exits with {EXIT_VM_DIED}"
                     );
@@ -354,7 +337,7 @@ impl Service {
             .await;
         if let Err(e) = result {
             if let Some(p) = self.s.pod.lock().await.as_mut() {
-                p.sandbox.unshare_rootfs(&id);
+                p.unshare_rootfs(&id);
             }
             if rootfs_mounted {
                 let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
@@ -431,7 +414,7 @@ impl Service {
             } else {
                 rootfs.to_path_buf()
             };
-            p.sandbox.share_rootfs(id, &src)?
+            p.share_rootfs(id, &src)?
         };
         adapt_spec(spec, &rel);
         let json = serde_json::to_vec(spec).map_err(|e| Error::Internal(e.to_string()))?;
@@ -590,7 +573,7 @@ impl Service {
             ..Default::default()
         };
         self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
-        tracing::info!(container = %id, exec = %exec_id, status, "exited");
+        tracing::info!(sandbox = %self.sandbox(), container = %id, exec = %exec_id, status, "exited");
     }
 
     async fn start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
@@ -688,7 +671,7 @@ impl Service {
                 }
             }
             if let Some(p) = self.s.pod.lock().await.as_mut() {
-                p.sandbox.unshare_rootfs(&id);
+                p.unshare_rootfs(&id);
             }
             let c = self.s.containers.lock().unwrap().remove(&id);
             if let Some(c) = c {
@@ -721,7 +704,7 @@ impl Service {
         let pod = self.s.pod.lock().await.take();
         *self.s.channel.lock().unwrap() = None;
         if let Some(p) = pod {
-            p.sandbox.stop().await;
+            p.stop().await;
         }
     }
 }
@@ -1299,5 +1282,355 @@ impl Task for Service {
         self.stop_pod().await;
         self.s.exit.signal();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeEvents, FakeLauncher};
+
+    fn tctx() -> TtrpcContext {
+        TtrpcContext {
+            mh: ttrpc::MessageHeader {
+                length: 0,
+                stream_id: 0,
+                type_: 0,
+                flags: 0,
+            },
+            metadata: Default::default(),
+            timeout_nano: 0,
+        }
+    }
+
+    struct Env {
+        svc: Service,
+        events: Arc<FakeEvents>,
+        launcher: Arc<FakeLauncher>,
+        exit: Arc<ExitSignal>,
+        dir: tempfile::TempDir,
+    }
+
+    fn env() -> Env {
+        let events = Arc::new(FakeEvents::default());
+        let launcher = Arc::new(FakeLauncher::default());
+        let exit = Arc::new(ExitSignal::default());
+        let svc = Service::new("ns", "shim", events.clone(), launcher.clone(), exit.clone());
+        Env {
+            svc,
+            events,
+            launcher,
+            exit,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    impl Env {
+        fn bundle(&self, id: &str, args: &[&str]) -> String {
+            let b = self.dir.path().join(id);
+            std::fs::create_dir_all(b.join("rootfs")).unwrap();
+            let mut spec = oci_spec::runtime::Spec::default();
+            let mut p = spec.process().clone().unwrap();
+            p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+            spec.set_process(Some(p));
+            spec.save(b.join("config.json")).unwrap();
+            b.display().to_string()
+        }
+
+        async fn create(&self, id: &str, args: &[&str]) -> ttrpc::Result<api::CreateTaskResponse> {
+            let out = format!("file://{}/{id}.out", self.dir.path().display());
+            let req = api::CreateTaskRequest {
+                id: id.into(),
+                bundle: self.bundle(id, args),
+                stdout: out,
+                ..Default::default()
+            };
+            Task::create(&self.svc, &tctx(), req).await
+        }
+
+        async fn wait(&self, id: &str, exec: &str) -> u32 {
+            let req = api::WaitRequest {
+                id: id.into(),
+                exec_id: exec.into(),
+                ..Default::default()
+            };
+            Task::wait(&self.svc, &tctx(), req)
+                .await
+                .unwrap()
+                .exit_status
+        }
+
+        fn topics(&self) -> Vec<String> {
+            self.events
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect()
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> ttrpc::Code {
+        match r {
+            Err(ttrpc::Error::RpcStatus(s)) => s.code(),
+            other => panic!("expected an error status, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_publishes_events_in_order_and_output_before_exit() {
+        let e = env();
+        let created = e.create("c1", &["exit", "3"]).await.unwrap();
+        assert_eq!(created.pid, 4242, "task pid is the VMM's");
+        let start = api::StartRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        Task::start(&e.svc, &tctx(), start).await.unwrap();
+        let (a, b) = tokio::join!(e.wait("c1", ""), e.wait("c1", ""));
+        assert_eq!((a, b), (3, 3), "every waiter gets the status");
+        let out = std::fs::read_to_string(e.dir.path().join("c1.out")).unwrap();
+        assert_eq!(
+            out, "out:c1/\n",
+            "output reached its destination before the exit"
+        );
+        let state = Task::state(
+            &e.svc,
+            &tctx(),
+            api::StateRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(state.status.enum_value().unwrap(), api::Status::STOPPED);
+        assert_eq!(state.exit_status, 3);
+        let del = Task::delete(
+            &e.svc,
+            &tctx(),
+            api::DeleteRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(del.exit_status, 3);
+        assert_eq!(
+            e.topics(),
+            [
+                TASK_CREATE_EVENT_TOPIC,
+                TASK_START_EVENT_TOPIC,
+                TASK_EXIT_EVENT_TOPIC,
+                TASK_DELETE_EVENT_TOPIC
+            ]
+        );
+        Task::shutdown(&e.svc, &tctx(), api::ShutdownRequest::default())
+            .await
+            .unwrap();
+        assert!(
+            *e.launcher.stopped.lock().unwrap(),
+            "the pod VM is stopped with the last task"
+        );
+        tokio::time::timeout(Duration::from_secs(1), e.exit.wait())
+            .await
+            .expect("shim exit signalled");
+    }
+
+    #[tokio::test]
+    async fn one_vm_per_pod_and_shutdown_waits_for_the_last_task() {
+        let e = env();
+        e.create("c1", &["sleep"]).await.unwrap();
+        e.create("c2", &["sleep"]).await.unwrap();
+        assert_eq!(*e.launcher.launches.lock().unwrap(), ["c1"]);
+        assert_eq!(
+            code(e.create("c2", &["sleep"]).await),
+            ttrpc::Code::ALREADY_EXISTS
+        );
+        Task::shutdown(&e.svc, &tctx(), api::ShutdownRequest::default())
+            .await
+            .unwrap();
+        assert!(!*e.launcher.stopped.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn exec_kill_and_their_errors() {
+        let e = env();
+        e.create("c1", &["sleep"]).await.unwrap();
+        let spec = |args: &[&str]| {
+            let mut p = oci_spec::runtime::Process::default();
+            p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+            Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                value: serde_json::to_vec(&p).unwrap(),
+                ..Default::default()
+            }
+        };
+        let exec = |id: &str, args: &[&str]| api::ExecProcessRequest {
+            id: "c1".into(),
+            exec_id: id.into(),
+            spec: MessageField::some(spec(args)),
+            ..Default::default()
+        };
+        // Exec needs a running container.
+        assert_eq!(
+            code(Task::exec(&e.svc, &tctx(), exec("x1", &["exit", "0"])).await),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+        Task::start(
+            &e.svc,
+            &tctx(),
+            api::StartRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        Task::exec(&e.svc, &tctx(), exec("x1", &["exit", "5"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            code(Task::exec(&e.svc, &tctx(), exec("x1", &["true"])).await),
+            ttrpc::Code::ALREADY_EXISTS
+        );
+        Task::start(
+            &e.svc,
+            &tctx(),
+            api::StartRequest {
+                id: "c1".into(),
+                exec_id: "x1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(e.wait("c1", "x1").await, 5);
+        // A running init cannot be deleted; killed, it reports 128 + 9.
+        assert_eq!(
+            code(
+                Task::delete(
+                    &e.svc,
+                    &tctx(),
+                    api::DeleteRequest {
+                        id: "c1".into(),
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+        Task::kill(
+            &e.svc,
+            &tctx(),
+            api::KillRequest {
+                id: "c1".into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(e.wait("c1", "").await, 137);
+        assert_eq!(
+            code(
+                Task::kill(
+                    &e.svc,
+                    &tctx(),
+                    api::KillRequest {
+                        id: "c1".into(),
+                        signal: 9,
+                        ..Default::default()
+                    }
+                )
+                .await
+            ),
+            ttrpc::Code::NOT_FOUND
+        );
+        let topics = e.topics();
+        assert!(
+            topics.contains(&TASK_EXEC_ADDED_EVENT_TOPIC.to_string())
+                && topics.contains(&TASK_EXEC_STARTED_EVENT_TOPIC.to_string()),
+            "{topics:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_their_codes() {
+        let e = env();
+        let st = Task::state(
+            &e.svc,
+            &tctx(),
+            api::StateRequest {
+                id: "nope".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(code(st), ttrpc::Code::NOT_FOUND);
+        let cp = Task::checkpoint(
+            &e.svc,
+            &tctx(),
+            api::CheckpointTaskRequest {
+                id: "x".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(code(cp), ttrpc::Code::UNIMPLEMENTED);
+        let mut req = api::CreateTaskRequest {
+            id: "c9".into(),
+            bundle: e.bundle("c9", &["sleep"]),
+            ..Default::default()
+        };
+        req.rootfs.push(api::Mount {
+            type_: "tmpfs".into(),
+            source: "tmpfs".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            code(Task::create(&e.svc, &tctx(), req).await),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+        let mut req = api::CreateTaskRequest {
+            id: "c8".into(),
+            bundle: e.bundle("c8", &["sleep"]),
+            ..Default::default()
+        };
+        req.options = MessageField::some(Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            code(Task::create(&e.svc, &tctx(), req).await),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+        e.create("c1", &["sleep"]).await.unwrap();
+        let upd = api::UpdateTaskRequest {
+            id: "c1".into(),
+            resources: MessageField::some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(Task::update(&e.svc, &tctx(), upd).await),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+        let stats = Task::stats(
+            &e.svc,
+            &tctx(),
+            api::StatsRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(stats.stats.type_url, "io.containerd.cgroups.v1.Metrics");
     }
 }

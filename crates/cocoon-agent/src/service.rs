@@ -580,6 +580,9 @@ impl agent_ttrpc::Agent for AgentService {
 
     async fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
         tracing::info!("powering off");
+        // Flush before replying: the host may end the VM as soon as it has
+        // the reply.
+        tokio::task::spawn_blocking(nix::unistd::sync).await.ok();
         tokio::spawn(async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             crate::init::power_off();

@@ -349,9 +349,10 @@ impl Vm for QemuVm {
             }
             q.stop(Duration::from_secs(2)).await;
         }
-        // With QEMU gone the daemons see their peer hang up and exit.
+        // With QEMU gone the daemons have nothing left to serve;
+        // vhost-device-vsock would wait for a new frontend, so end them now.
         for d in self.helpers.iter_mut().rev() {
-            d.stop(Duration::from_secs(1)).await;
+            d.stop(Duration::ZERO).await;
         }
         self.helpers.clear();
     }

@@ -212,13 +212,21 @@ impl Sandbox {
 
     /// Powers the guest off and releases every host resource.
     pub async fn stop(mut self) {
-        let _ = tokio::time::timeout(
+        // The agent flushes the guest's caches before it answers; after the
+        // answer nothing in the guest is worth waiting for (a guest reboot
+        // under TCG takes a second), so QEMU is told to quit right away.
+        // Without an answer, the guest gets a few seconds to power off.
+        let destroyed = tokio::time::timeout(
             Duration::from_secs(2),
             self.agent
                 .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
         )
         .await;
-        self.vm.shutdown(Duration::from_secs(3)).await;
+        let grace = match destroyed {
+            Ok(Ok(_)) => Duration::ZERO,
+            _ => Duration::from_secs(3),
+        };
+        self.vm.shutdown(grace).await;
         tracing::info!(sandbox = %self.id, "stopped");
     }
 }

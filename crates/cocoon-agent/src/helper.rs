@@ -1,7 +1,7 @@
 //! The single-threaded helper that calls libcontainer's builders.
 //!
-//! `cocoon-agent helper create <id> <bundle> <root>` and
-//! `cocoon-agent helper exec <id> <process.json> <root>`: the container's
+//! `cocoon-agent helper create <id> <bundle> <root> [<console-socket>]` and
+//! `cocoon-agent helper exec <id> <process.json> <root> [<console-socket>]`: the container's
 //! stdin, stdout and stderr arrive as fds 3, 4 and 5. The new process's pid is
 //! printed on stdout; errors go to stderr with exit status 1. The container
 //! process outlives the helper and is reparented to the agent (PID 1).
@@ -31,10 +31,14 @@ pub fn main(args: &[String]) -> i32 {
 }
 
 fn run(args: &[String]) -> Result<i32, String> {
-    let [op, id, path, root] = args else {
-        return Err(format!(
-            "usage: helper create|exec ID PATH ROOT (got {args:?})"
-        ));
+    let (op, id, path, root, console) = match args {
+        [op, id, path, root] => (op, id, path, root, None),
+        [op, id, path, root, console] => (op, id, path, root, Some(PathBuf::from(console))),
+        _ => {
+            return Err(format!(
+                "usage: helper create|exec ID PATH ROOT [CONSOLE-SOCKET] (got {args:?})"
+            ))
+        }
     };
     // SAFETY: the agent opened exactly these fds for this process, and
     // nothing else in this process owns them.
@@ -44,7 +48,10 @@ fn run(args: &[String]) -> Result<i32, String> {
         .map_err(|e| format!("container root {root}: {e}"))?
         .with_stdin(stdin)
         .with_stdout(stdout)
-        .with_stderr(stderr);
+        .with_stderr(stderr)
+        // With a terminal, the pty is made in the container and its master
+        // sent back over this socket (the runc console-socket protocol).
+        .with_console_socket(console);
     match op.as_str() {
         "create" => {
             let container = builder

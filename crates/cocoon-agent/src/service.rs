@@ -159,13 +159,23 @@ async fn with_container<T: Send + 'static>(
 impl AgentService {
     /// Runs the helper with the container's stdio on fds 3-5; returns the
     /// pid it prints.
-    async fn run_helper(&self, op: &str, id: &str, path: &Path, fds: [OwnedFd; 3]) -> AResult<i32> {
+    async fn run_helper(
+        &self,
+        op: &str,
+        id: &str,
+        path: &Path,
+        fds: [OwnedFd; 3],
+        console: Option<&Path>,
+    ) -> AResult<i32> {
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg(crate::helper::ARG)
             .arg(op)
             .arg(id)
             .arg(path)
             .arg(CONTAINER_ROOT);
+        if let Some(c) = console {
+            cmd.arg(c);
+        }
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -211,6 +221,45 @@ impl AgentService {
             .trim()
             .parse()
             .map_err(|_| AgentError::Internal(format!("helper printed {stdout:?}")))
+    }
+
+    /// Creates a process through the helper: with pipes, or with a terminal
+    /// made in the container and received on `console`.
+    async fn start_process(
+        &self,
+        op: &str,
+        id: &str,
+        path: &Path,
+        terminal: bool,
+        console: PathBuf,
+    ) -> AResult<(i32, stdio::HostEnds, Option<OwnedFd>)> {
+        if !terminal {
+            let made = stdio::pipes().map_err(|e| internal("stdio pipes")(e.to_string()))?;
+            let pid = self.run_helper(op, id, path, made.container, None).await?;
+            return Ok((pid, made.host, None));
+        }
+        let socket = stdio::ConsoleSocket::listen(console.clone()).map_err(|e| {
+            internal(format!("console socket {}", console.display()))(e.to_string())
+        })?;
+        let null = || {
+            std::fs::File::open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|e| internal("/dev/null")(e.to_string()))
+        };
+        let pid = self
+            .run_helper(
+                op,
+                id,
+                path,
+                [null()?, null()?, null()?],
+                Some(socket.path()),
+            )
+            .await?;
+        let made = tokio::task::spawn_blocking(move || socket.receive())
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(|e| internal(format!("terminal of {id}"))(e.to_string()))?;
+        Ok((pid, made.host, made.pty_master))
     }
 
     /// Starts watching `pid` and records the process.
@@ -280,7 +329,7 @@ impl AgentService {
         spec.set_root(Some(root));
         if let Some(p) = spec.process().clone() {
             let mut p = p;
-            p.set_terminal(Some(false));
+            p.set_terminal(Some(req.terminal));
             spec.set_process(Some(p));
         }
         let mut linux = spec.linux().clone().unwrap_or_default();
@@ -324,12 +373,12 @@ impl AgentService {
             .map_err(|e| internal(CONTAINER_ROOT)(e.to_string()))?;
         spec.save(bundle.join("config.json"))
             .map_err(|e| internal("write config.json")(e.to_string()))?;
-        let made = stdio::make(terminal).map_err(|e| internal("stdio")(e.to_string()))?;
-        let pid = self
-            .run_helper("create", id, &bundle, made.container)
+        let console = bundle.join("console.sock");
+        let (pid, host, pty) = self
+            .start_process("create", id, &bundle, terminal, console)
             .await?;
-        self.stdio.insert(id, "", made.host);
-        self.track(id, "", pid, made.pty_master);
+        self.stdio.insert(id, "", host);
+        self.track(id, "", pid, pty);
         tracing::info!(container = id, pid, "created");
         Ok(CreateContainerResponse {
             pid: pid as u32,
@@ -362,29 +411,18 @@ impl AgentService {
         };
         let mut process: oci_spec::runtime::Process = serde_json::from_slice(&req.oci_process_json)
             .map_err(|e| AgentError::InvalidArgument(format!("OCI process of exec {eid}: {e}")))?;
-        process.set_terminal(Some(false));
+        process.set_terminal(Some(req.terminal));
         let path = bundle.join(format!("exec-{eid}.json"));
         std::fs::write(&path, serde_json::to_vec(&process).unwrap_or_default())
             .map_err(|e| internal(format!("write {}", path.display()))(e.to_string()))?;
-        let made = stdio::make(req.terminal).map_err(|e| internal("stdio")(e.to_string()))?;
-        let pid = self.run_helper("exec", &cid, &path, made.container).await;
+        let console = bundle.join(format!("console-{eid}.sock"));
+        let started = self
+            .start_process("exec", &cid, &path, req.terminal, console)
+            .await;
         let _ = std::fs::remove_file(&path);
-        let pid = pid?;
-        {
-            let mut map = self.containers.lock().unwrap();
-            if let Some(c) = map.get_mut(&cid) {
-                c.processes.insert(
-                    eid.clone(),
-                    Process {
-                        pid,
-                        exit: watch::channel(None).1,
-                        pty_master: None,
-                    },
-                );
-            }
-        }
-        self.stdio.insert(&cid, &eid, made.host);
-        self.track(&cid, &eid, pid, made.pty_master);
+        let (pid, host, pty) = started?;
+        self.stdio.insert(&cid, &eid, host);
+        self.track(&cid, &eid, pid, pty);
         tracing::info!(container = %cid, exec = %eid, pid, "exec");
         Ok(ExecProcessResponse {
             pid: pid as u32,

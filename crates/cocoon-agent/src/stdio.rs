@@ -31,35 +31,8 @@ pub struct Made {
     pub pty_master: Option<OwnedFd>,
 }
 
-pub fn make(terminal: bool) -> nix::Result<Made> {
-    if terminal {
-        let pty = nix::pty::openpty(None, None)?;
-        let master = pty.master;
-        let slave = pty.slave;
-        // openpty(3) leaves both ends inheritable; other helpers must not
-        // inherit them, or the terminal would never see its last close.
-        for fd in [&master, &slave] {
-            nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )?;
-        }
-        let host = HostEnds {
-            stdin: Some(File::from(master.try_clone().map_err(io_errno)?)),
-            stdout: Some(File::from(master.try_clone().map_err(io_errno)?)),
-            stderr: None,
-        };
-        let container = [
-            slave.try_clone().map_err(io_errno)?,
-            slave.try_clone().map_err(io_errno)?,
-            slave,
-        ];
-        return Ok(Made {
-            host,
-            container,
-            pty_master: Some(master),
-        });
-    }
+/// Pipes for a process without a terminal.
+pub fn pipes() -> nix::Result<Made> {
     let (in_r, in_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
@@ -74,8 +47,73 @@ pub fn make(terminal: bool) -> nix::Result<Made> {
     })
 }
 
-fn io_errno(e: std::io::Error) -> nix::Error {
-    nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+/// The listening end of a console socket: the container's init (or exec)
+/// creates its pty inside the container, so that it is the controlling
+/// terminal there and named in the container's `/dev/pts`, and sends the
+/// master here.
+pub struct ConsoleSocket {
+    path: std::path::PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl ConsoleSocket {
+    pub fn listen(path: std::path::PathBuf) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        Ok(Self { path, listener })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Takes the pty master the container sent (it has connected by the
+    /// time the helper succeeded), and makes the process's stdio of it.
+    pub fn receive(self) -> std::io::Result<Made> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::FromRawFd;
+        self.listener.set_nonblocking(true)?;
+        let (conn, _) = self.listener.accept()?;
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let fd = msg
+            .cmsgs()
+            .map_err(std::io::Error::from)?
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .ok_or_else(|| std::io::Error::other("no pty master on the console socket"))?;
+        // SAFETY: SCM_RIGHTS just installed this fd in our table; we own it.
+        let master = unsafe { OwnedFd::from_raw_fd(fd) };
+        let host = HostEnds {
+            stdin: Some(File::from(master.try_clone()?)),
+            stdout: Some(File::from(master.try_clone()?)),
+            stderr: None,
+        };
+        let null = || std::fs::File::open("/dev/null").map(OwnedFd::from);
+        Ok(Made {
+            host,
+            container: [null()?, null()?, null()?],
+            pty_master: Some(master),
+        })
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 type Key = (String, String);

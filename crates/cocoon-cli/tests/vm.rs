@@ -342,3 +342,27 @@ fn silent_guest_times_out_cleanly() {
     );
     assert!(took < Duration::from_secs(8 + 15), "took {took:?}");
 }
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn terminal_is_the_containers_own() {
+    let w = World::new("");
+    let cmd = format!(
+        "{COCOON} run -t --config {} --rootfs {} -- sh -c 'tty; echo in-tty'",
+        w.config().display(),
+        w.tmp.path().join("rootfs").display()
+    );
+    // `script` gives cocoon a terminal of its own, as a user at a shell has.
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    w.assert_clean();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("/dev/pts/0") && out.contains("in-tty"),
+        "{out:?}"
+    );
+}

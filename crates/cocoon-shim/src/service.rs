@@ -52,6 +52,9 @@ struct Proc {
     exec_spec: Option<Vec<u8>>,
     exit: watch::Sender<Option<Exit>>,
     close_stdin: Option<oneshot::Sender<()>>,
+    /// Set once TaskStart (or TaskExecStarted) is published: a fast process's
+    /// TaskExit must not overtake it.
+    started: watch::Sender<bool>,
 }
 
 impl Proc {
@@ -71,6 +74,7 @@ impl Proc {
             exec_spec,
             exit: watch::channel(None).0,
             close_stdin: None,
+            started: watch::channel(false).0,
         }
     }
 }
@@ -541,23 +545,18 @@ impl Service {
             )
             .await;
         }
-        let already = self
-            .with_proc(&id, &exec_id, |p| {
-                let was = p.state == ProcState::Stopped;
-                p.state = ProcState::Stopped;
-                p.close_stdin.take();
-                p.exit.send_if_modified(|e| {
-                    if e.is_none() {
-                        *e = Some(Exit { status, at });
-                        true
-                    } else {
-                        false
-                    }
-                });
-                Ok(was)
-            })
+        // Events stay in order: the start first. A process deleted before it
+        // was started (its sender dropped) has nothing to report.
+        let Ok(mut started) = self.with_proc(&id, &exec_id, |p| Ok(p.started.subscribe())) else {
+            return;
+        };
+        if started.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        let already_stopped = self
+            .with_proc(&id, &exec_id, |p| Ok(p.state == ProcState::Stopped))
             .unwrap_or(true);
-        if already {
+        if already_stopped {
             return;
         }
         let ev = TaskExit {
@@ -572,7 +571,22 @@ impl Service {
             exited_at: MessageField::some(ts(at)),
             ..Default::default()
         };
+        // Published before the exit is visible to Wait and State, so that
+        // containerd has it before any delete that follows a Wait.
         self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+        let _ = self.with_proc(&id, &exec_id, |p| {
+            p.state = ProcState::Stopped;
+            p.close_stdin.take();
+            p.exit.send_if_modified(|e| {
+                if e.is_none() {
+                    *e = Some(Exit { status, at });
+                    true
+                } else {
+                    false
+                }
+            });
+            Ok(())
+        });
         tracing::info!(sandbox = %self.sandbox(), container = %id, exec = %exec_id, status, "exited");
     }
 
@@ -600,7 +614,10 @@ impl Service {
                 .await
                 .map_err(|e| Error::from_agent("start", e))?;
             self.with_proc(&id, "", |p| {
-                p.state = ProcState::Running;
+                // A process that already exited stays stopped.
+                if p.state != ProcState::Stopped {
+                    p.state = ProcState::Running;
+                }
                 Ok(())
             })?;
             let ev = TaskStart {
@@ -609,6 +626,10 @@ impl Service {
                 ..Default::default()
             };
             self.publish(TASK_START_EVENT_TOPIC, Box::new(ev)).await;
+            self.with_proc(&id, "", |p| {
+                p.started.send_replace(true);
+                Ok(())
+            })?;
         } else {
             let (spec, stdin, stdout, stderr, terminal) = exec;
             let r = ag::ExecProcessRequest {
@@ -624,7 +645,10 @@ impl Service {
                 .await
                 .map_err(|e| Error::from_agent("exec", e))?;
             self.with_proc(&id, &eid, |p| {
-                p.state = ProcState::Running;
+                // A process that already exited stays stopped.
+                if p.state != ProcState::Stopped {
+                    p.state = ProcState::Running;
+                }
                 Ok(())
             })?;
             self.attach_io(&channel, &id, &eid, &stdin, &stdout, &stderr, terminal)
@@ -637,6 +661,10 @@ impl Service {
             };
             self.publish(TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
                 .await;
+            self.with_proc(&id, &eid, |p| {
+                p.started.send_replace(true);
+                Ok(())
+            })?;
         }
         Ok(api::StartResponse {
             pid: self.vmm_pid(),
@@ -986,7 +1014,9 @@ impl Task for Service {
                 .await
                 .map_err(|e| Error::from_agent("pause", e))?;
             self.with_proc(&req.id, "", |p| {
-                p.state = ProcState::Paused;
+                if p.state != ProcState::Stopped {
+                    p.state = ProcState::Paused;
+                }
                 Ok(())
             })?;
             self.publish(
@@ -1016,7 +1046,10 @@ impl Task for Service {
                 .await
                 .map_err(|e| Error::from_agent("resume", e))?;
             self.with_proc(&req.id, "", |p| {
-                p.state = ProcState::Running;
+                // A process that already exited stays stopped.
+                if p.state != ProcState::Stopped {
+                    p.state = ProcState::Running;
+                }
                 Ok(())
             })?;
             self.publish(

@@ -227,7 +227,7 @@ fn exec_ps_pause_resume_metrics() {
 
     // With a terminal (ctr needs one itself: `script` gives it a pty).
     let cmd = format!(
-        "ctr --address {} --namespace {NS} task exec -t --exec-id x3 e2e-life sh -c 'echo tty-exec; exit 7'",
+        "ctr --address {} --namespace {NS} task exec -t --exec-id x3 e2e-life sh -c 'tty; echo tty-exec; exit 7'",
         socket()
     );
     let o = Command::new("script")
@@ -236,7 +236,12 @@ fn exec_ps_pause_resume_metrics() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(7), "{:?}", text(&o));
-    assert!(text(&o).0.contains("tty-exec"), "{:?}", text(&o));
+    let (out, _) = text(&o);
+    assert!(out.contains("tty-exec"), "{out:?}");
+    assert!(
+        out.contains("/dev/pts/"),
+        "the exec has a terminal of its own: {out:?}"
+    );
 
     let o = ctr(&["task", "ps", "e2e-life"]);
     let (out, _) = text(&o);

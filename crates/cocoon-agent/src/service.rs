@@ -469,6 +469,19 @@ impl AgentService {
             .map_err(|e| AgentError::Internal(format!("signal {sig} to pid {pid}: {e}")))
     }
 
+    /// A libcontainer lifecycle operation on a known container.
+    async fn lifecycle(
+        &self,
+        id: &str,
+        what: &'static str,
+        f: impl FnOnce(&mut Container) -> Result<(), libcontainer::error::LibcontainerError>
+            + Send
+            + 'static,
+    ) -> AResult<Empty> {
+        self.exists(id)?;
+        with_container(id, what, f).await.map(|_| Empty::new())
+    }
+
     async fn remove_container(&self, id: &str) -> AResult<()> {
         self.exists(id)?;
         let root = Path::new(CONTAINER_ROOT).join(id);
@@ -641,11 +654,9 @@ impl agent_ttrpc::Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        let r = async {
-            self.exists(&req.container_id)?;
-            with_container(&req.container_id, "start", |c| c.start()).await
-        };
-        ok(r.await.map(|_| Empty::new()))
+        ok(self
+            .lifecycle(&req.container_id, "start", |c| c.start())
+            .await)
     }
 
     async fn remove_container(
@@ -664,11 +675,9 @@ impl agent_ttrpc::Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        let r = async {
-            self.exists(&req.container_id)?;
-            with_container(&req.container_id, "pause", |c| c.pause()).await
-        };
-        ok(r.await.map(|_| Empty::new()))
+        ok(self
+            .lifecycle(&req.container_id, "pause", |c| c.pause())
+            .await)
     }
 
     async fn resume_container(
@@ -676,11 +685,9 @@ impl agent_ttrpc::Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        let r = async {
-            self.exists(&req.container_id)?;
-            with_container(&req.container_id, "resume", |c| c.resume()).await
-        };
-        ok(r.await.map(|_| Empty::new()))
+        ok(self
+            .lifecycle(&req.container_id, "resume", |c| c.resume())
+            .await)
     }
 
     async fn update_container(

@@ -728,6 +728,60 @@ impl Service {
         })
     }
 
+    /// Pause (`true`) or resume (`false`) a container's processes.
+    async fn freeze(&self, id: &str, pause: bool) -> Result<api::Empty> {
+        self.with_proc(id, "", |p| {
+            if pause {
+                p.state.pause(id)
+            } else {
+                p.state.resume(id)
+            }
+            .map(drop)
+        })?;
+        let ch = self.channel()?;
+        let r = ag::ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        let call = if pause {
+            ch.agent().pause_container(ctx(CALL_TIMEOUT), &r).await
+        } else {
+            ch.agent().resume_container(ctx(CALL_TIMEOUT), &r).await
+        };
+        call.map_err(|e| Error::from_agent(if pause { "pause" } else { "resume" }, e))?;
+        self.with_proc(id, "", |p| {
+            // A process that exited meanwhile stays stopped.
+            if p.state != ProcState::Stopped {
+                p.state = if pause {
+                    ProcState::Paused
+                } else {
+                    ProcState::Running
+                };
+            }
+            Ok(())
+        })?;
+        if pause {
+            self.publish(
+                TASK_PAUSED_EVENT_TOPIC,
+                Box::new(TaskPaused {
+                    container_id: id.into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        } else {
+            self.publish(
+                TASK_RESUMED_EVENT_TOPIC,
+                Box::new(TaskResumed {
+                    container_id: id.into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        Ok(api::Empty::new())
+    }
+
     async fn stop_pod(&self) {
         let pod = self.s.pod.lock().await.take();
         *self.s.channel.lock().unwrap() = None;
@@ -1002,67 +1056,12 @@ impl Task for Service {
 
     #[tracing::instrument(name = "pause", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> ttrpc::Result<api::Empty> {
-        let r = async {
-            self.with_proc(&req.id, "", |p| p.state.pause(&req.id).map(drop))?;
-            let ch = self.channel()?;
-            let r = ag::ContainerRequest {
-                container_id: req.id.clone(),
-                ..Default::default()
-            };
-            ch.agent()
-                .pause_container(ctx(CALL_TIMEOUT), &r)
-                .await
-                .map_err(|e| Error::from_agent("pause", e))?;
-            self.with_proc(&req.id, "", |p| {
-                if p.state != ProcState::Stopped {
-                    p.state = ProcState::Paused;
-                }
-                Ok(())
-            })?;
-            self.publish(
-                TASK_PAUSED_EVENT_TOPIC,
-                Box::new(TaskPaused {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                }),
-            )
-            .await;
-            Ok(api::Empty::new())
-        };
-        ok(r.await)
+        ok(self.freeze(&req.id, true).await)
     }
 
     #[tracing::instrument(name = "resume", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]
     async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> ttrpc::Result<api::Empty> {
-        let r = async {
-            self.with_proc(&req.id, "", |p| p.state.resume(&req.id).map(drop))?;
-            let ch = self.channel()?;
-            let r = ag::ContainerRequest {
-                container_id: req.id.clone(),
-                ..Default::default()
-            };
-            ch.agent()
-                .resume_container(ctx(CALL_TIMEOUT), &r)
-                .await
-                .map_err(|e| Error::from_agent("resume", e))?;
-            self.with_proc(&req.id, "", |p| {
-                // A process that already exited stays stopped.
-                if p.state != ProcState::Stopped {
-                    p.state = ProcState::Running;
-                }
-                Ok(())
-            })?;
-            self.publish(
-                TASK_RESUMED_EVENT_TOPIC,
-                Box::new(TaskResumed {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                }),
-            )
-            .await;
-            Ok(api::Empty::new())
-        };
-        ok(r.await)
+        ok(self.freeze(&req.id, false).await)
     }
 
     #[tracing::instrument(name = "checkpoint", skip_all, fields(sandbox = %self.sandbox(), container = %req.id))]

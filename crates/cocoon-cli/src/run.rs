@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cocoon_hypervisor::Qemu;
-use cocoon_protocols::agent::{ContainerRequest, CreateContainerRequest, ProcessRequest};
+use cocoon_protocols::agent::{
+    ContainerRequest, CreateContainerRequest, ProcessRequest, ResizeTtyRequest,
+};
 use cocoon_protocols::StreamKind;
 use cocoon_runtime::{ctx, Sandbox, CALL_TIMEOUT};
 use tokio::io::AsyncWriteExt;
@@ -146,6 +148,73 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     result
 }
 
+/// The host terminal in raw mode while a container's terminal is attached;
+/// restored on drop.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+/// The host terminal's size, if stdin is one.
+fn window_size() -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the pointer, which outlives
+    // the call.
+    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Keeps the container's terminal the size of the host's.
+fn follow_window_size(channel: cocoon_runtime::Channel) {
+    let Ok(mut winch) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            if let Some((rows, columns)) = window_size() {
+                let req = ResizeTtyRequest {
+                    container_id: CONTAINER_ID.into(),
+                    rows: rows.into(),
+                    columns: columns.into(),
+                    ..Default::default()
+                };
+                let _ = channel.agent().resize_tty(ctx(CALL_TIMEOUT), &req).await;
+            }
+            if winch.recv().await.is_none() {
+                return;
+            }
+        }
+    });
+}
+
 async fn run_in(
     sandbox: &mut Sandbox,
     args: &RunArgs,
@@ -165,6 +234,12 @@ async fn run_in(
         .await
         .context("create container")?;
 
+    let _raw = if args.tty {
+        follow_window_size(sandbox.channel());
+        RawTerminal::enter()
+    } else {
+        None
+    };
     let stdout = sandbox
         .open_stream(StreamKind::Stdout, CONTAINER_ID, "")
         .await?;

@@ -474,3 +474,24 @@ fn file_and_binary_log_uris() {
     assert_eq!(err, "bin-err\n");
     assert_no_leftovers("e2e-logbin");
 }
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn dead_vm_ends_its_tasks_with_255() {
+    let t = Task::start("e2e-vmdies", &[], &["sleep", "1000"]);
+    t.wait_status("RUNNING");
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", "qemu-system-x86_64 -name cocoon-e2e-vmdies "])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no QEMU for e2e-vmdies");
+    t.wait_status("STOPPED");
+    let o = ctr(&["task", "rm", "e2e-vmdies"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("255"),
+        "exit status of a task whose VM died: {:?}",
+        text(&o)
+    );
+    // Drop removes the container and checks that nothing is left.
+}

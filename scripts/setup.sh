@@ -29,7 +29,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   qemu-system-x86 containerd runc \
   libseccomp-dev libcap-ng-dev pkg-config \
-  kmod cpio busybox-static ca-certificates
+  kmod cpio busybox-static procps ca-certificates
 
 say "rust-vmm daemons (virtiofsd 1.14, vhost-device-vsock 0.3)"
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"

@@ -66,6 +66,30 @@ pub fn main(args: RunArgs) -> i32 {
     code
 }
 
+/// Cleans up after `cocoon run`s that were killed outright: their VMs died
+/// with them, but their mounts and state directories are still here.
+async fn sweep_stale_runs(state_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(
+                "cleaning up {} (its cocoon run is gone)",
+                e.path().display()
+            );
+            cocoon_runtime::cleanup_dead(&e.path()).await;
+        }
+    }
+}
+
 fn spec_for(args: &RunArgs, rootfs_rel: &str) -> anyhow::Result<oci_spec::runtime::Spec> {
     let mut spec = oci_spec::runtime::Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
@@ -108,6 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("rootfs {}", args.rootfs.display()))?;
     let loaded = cocoon_config::load(args.config.as_deref())?;
     tracing::info!(source = %loaded.source, "configuration");
+    sweep_stale_runs(&loaded.config.runtime.state_dir).await;
     let id = format!("run-{}", std::process::id());
 
     let interrupted = async {

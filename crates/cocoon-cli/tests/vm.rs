@@ -366,3 +366,48 @@ fn terminal_is_the_containers_own() {
         "{out:?}"
     );
 }
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn killed_cocoon_run_leaves_nothing_after_the_next_run() {
+    let w = World::new("");
+    let mut victim = w
+        .cmd(&["sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let qemu_of = |pid: u32| format!("-name cocoon-run-{pid} ");
+    let marker = qemu_of(victim.id());
+    let running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&marker)
+                })
+                .unwrap_or(false)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !running() {
+        assert!(Instant::now() < deadline, "no QEMU for the victim");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    // The VM and its daemons die with their owner...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU outlived its SIGKILLed owner"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...and the next run clears the mounts and state the victim left.
+    let o = w.run(&["true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

@@ -40,6 +40,20 @@ impl Daemon {
         // Own process group: a Ctrl-C at the terminal reaches Cocoon, which
         // then stops the VM in order, instead of killing QEMU under it.
         cmd.process_group(0);
+        // If the owner is SIGKILLed, the VM goes with it rather than running
+        // on unowned. The death signal follows the spawning thread: owners
+        // spawn from their main thread or a runtime worker, which live as
+        // long as the owner does.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+        // no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             what,
             path: program,

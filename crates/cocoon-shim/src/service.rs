@@ -808,9 +808,9 @@ fn adapt_spec(spec: &mut oci_spec::runtime::Spec, rootfs_rel: &str) {
                 .collect();
             linux.set_namespaces(Some(ns));
         }
-        // Host devices, seccomp and cgroup placement are the host's business.
+        // Host device nodes and cgroup placement are the host's business;
+        // the agent places the container in the guest's cgroups.
         linux.set_cgroups_path(None);
-        linux.set_seccomp(None);
         linux.set_devices(None);
         spec.set_linux(Some(linux));
     }

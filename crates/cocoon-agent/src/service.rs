@@ -334,7 +334,34 @@ impl AgentService {
         }
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(Path::new(CGROUP_PARENT).join(&id)));
+        // The guest runs cgroup v2 whatever the host runs; with a cgroup
+        // namespace the container sees its own cgroup at /sys/fs/cgroup.
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        if !namespaces
+            .iter()
+            .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup)
+        {
+            let mut ns = oci_spec::runtime::LinuxNamespace::default();
+            ns.set_typ(oci_spec::runtime::LinuxNamespaceType::Cgroup);
+            namespaces.push(ns);
+        }
+        linux.set_namespaces(Some(namespaces));
         spec.set_linux(Some(linux));
+        // A spec written for a cgroup v1 host asks for a v1 `cgroup` mount;
+        // the guest has only the v2 hierarchy.
+        if let Some(mounts) = spec.mounts().clone() {
+            let mounts = mounts
+                .into_iter()
+                .map(|mut m| {
+                    if m.typ().as_deref() == Some("cgroup") {
+                        m.set_typ(Some("cgroup2".into()));
+                        m.set_source(Some("cgroup2".into()));
+                    }
+                    m
+                })
+                .collect();
+            spec.set_mounts(Some(mounts));
+        }
 
         {
             let mut map = self.containers.lock().unwrap();

@@ -499,10 +499,27 @@ fn dead_vm_ends_its_tasks_with_255() {
 #[test]
 #[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
 fn seccomp_profile_is_applied_in_the_guest() {
-    let o = run_rm("e2e-seccomp", &["--seccomp"], &["grep", "^Seccomp:", "/proc/self/status"]);
+    let o = run_rm(
+        "e2e-seccomp",
+        &["--seccomp"],
+        &["grep", "^Seccomp:", "/proc/self/status"],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert_eq!(out.split_whitespace().nth(1), Some("2"), "a filter is installed: {out:?}");
-    let o = run_rm("e2e-noseccomp", &[], &["grep", "^Seccomp:", "/proc/self/status"]);
-    assert_eq!(text(&o).0.split_whitespace().nth(1), Some("0"), "{:?}", text(&o));
+    assert_eq!(
+        out.split_whitespace().nth(1),
+        Some("2"),
+        "a filter is installed: {out:?}"
+    );
+    let o = run_rm(
+        "e2e-noseccomp",
+        &[],
+        &["grep", "^Seccomp:", "/proc/self/status"],
+    );
+    assert_eq!(
+        text(&o).0.split_whitespace().nth(1),
+        Some("0"),
+        "{:?}",
+        text(&o)
+    );
 }

@@ -59,10 +59,37 @@ fn internal(what: impl std::fmt::Display) -> impl FnOnce(String) -> AgentError {
     move |e| AgentError::Internal(format!("{what}: {e}"))
 }
 
+/// How a process ended.
+#[derive(Clone, Copy)]
+struct Exit {
+    status: i32,
+    at_nanos: i64,
+    oom_killed: bool,
+}
+
+/// OOM kills already reported, per container: the poller and the exit path
+/// each report a kill once.
+#[derive(Clone, Default)]
+struct OomLedger(Arc<Mutex<HashMap<String, u64>>>);
+
+impl OomLedger {
+    /// Whether the container has OOM kills not yet reported (and marks them reported).
+    fn take_new(&self, id: &str) -> bool {
+        let n = read_oom_kills(id);
+        let mut m = self.0.lock().unwrap();
+        let before = m.insert(id.to_string(), n).unwrap_or(0);
+        n > before
+    }
+
+    fn retain(&self, ids: &[String]) {
+        self.0.lock().unwrap().retain(|k, _| ids.contains(k));
+    }
+}
+
 /// One process: a container's init (exec id "") or an exec.
 struct Process {
     pid: i32,
-    exit: watch::Receiver<Option<(i32, i64)>>,
+    exit: watch::Receiver<Option<Exit>>,
     pty_master: Option<Arc<OwnedFd>>,
 }
 
@@ -77,6 +104,7 @@ pub struct AgentService {
     containers: Mutex<HashMap<String, ContainerEntry>>,
     oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
     oom_tx: mpsc::Sender<String>,
+    oom_ledger: OomLedger,
 }
 
 /// Starts the reaper and serves the agent and stream ports until powered off.
@@ -91,6 +119,7 @@ pub async fn serve() -> anyhow::Result<()> {
         containers: Mutex::new(HashMap::new()),
         oom_rx: tokio::sync::Mutex::new(oom_rx),
         oom_tx,
+        oom_ledger: OomLedger::default(),
     });
     tokio::spawn(stdio.serve(cocoon_protocols::STREAM_PORT));
     tokio::spawn(watch_oom(service.clone()));
@@ -266,9 +295,19 @@ impl AgentService {
     fn track(&self, container_id: &str, exec_id: &str, pid: i32, pty: Option<OwnedFd>) {
         let (tx, rx) = watch::channel(None);
         let exited = self.reaper.watch(pid);
+        let ledger = self.oom_ledger.clone();
+        let init_of = exec_id.is_empty().then(|| container_id.to_string());
         tokio::spawn(async move {
             let status = exited.await.unwrap_or(255);
-            let _ = tx.send(Some((status, now_nanos())));
+            let at_nanos = now_nanos();
+            // Read before anything can remove the cgroup; the poller may
+            // not have looked since the kill.
+            let oom_killed = init_of.is_some_and(|id| ledger.take_new(&id));
+            let _ = tx.send(Some(Exit {
+                status,
+                at_nanos,
+                oom_killed,
+            }));
         });
         let mut map = self.containers.lock().unwrap();
         if let Some(c) = map.get_mut(container_id) {
@@ -463,10 +502,15 @@ impl AgentService {
             .wait_for(Option::is_some)
             .await
             .map_err(|_| AgentError::Internal("process watch closed".into()))?
-            .unwrap_or((255, 0));
+            .unwrap_or(Exit {
+                status: 255,
+                at_nanos: 0,
+                oom_killed: false,
+            });
         Ok(WaitProcessResponse {
-            exit_status: exit.0,
-            exited_at_unix_nanos: exit.1,
+            exit_status: exit.status,
+            exited_at_unix_nanos: exit.at_nanos,
+            oom_killed: exit.oom_killed,
             ..Default::default()
         })
     }
@@ -595,15 +639,12 @@ fn read_oom_kills(id: &str) -> u64 {
 
 /// Polls each container's `memory.events` and reports new OOM kills.
 async fn watch_oom(service: Arc<AgentService>) {
-    let mut seen: HashMap<String, u64> = HashMap::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let ids: Vec<String> = service.containers.lock().unwrap().keys().cloned().collect();
-        seen.retain(|k, _| ids.contains(k));
+        service.oom_ledger.retain(&ids);
         for id in ids {
-            let n = read_oom_kills(&id);
-            let before = seen.insert(id.clone(), n).unwrap_or(0);
-            if n > before {
+            if service.oom_ledger.take_new(&id) {
                 tracing::info!(container = %id, "OOM kill");
                 let _ = service.oom_tx.send(id).await;
             }

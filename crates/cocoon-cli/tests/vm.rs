@@ -162,7 +162,7 @@ fn exit_code_is_propagated() {
 #[ignore = "boots a VM: run by scripts/test.sh"]
 fn sigkill_reports_137() {
     // The container's init ignores SIGKILL from inside its PID namespace, so
-    // let the kernel send it: the OOM killer, under a 32 MiB limit.
+    // let the kernel send it: the OOM killer, under a 16 MiB limit.
     let w = World::new("");
     let mut c = Command::new(COCOON);
     c.arg("run")
@@ -172,7 +172,7 @@ fn sigkill_reports_137() {
         .arg(w.tmp.path().join("rootfs"));
     c.args([
         "--memory",
-        "32",
+        "16",
         "--",
         "sh",
         "-c",

@@ -525,14 +525,15 @@ impl Service {
             .agent()
             .wait_process(ttrpc::context::Context::default(), &req)
             .await;
-        let (status, at) = match r {
+        let (status, at, oom_killed) = match r {
             Ok(w) => (
                 w.exit_status as u32,
                 SystemTime::UNIX_EPOCH + Duration::from_nanos(w.exited_at_unix_nanos.max(0) as u64),
+                w.oom_killed,
             ),
             Err(e) => {
                 tracing::warn!(container = %id, exec = %exec_id, "wait: {e}");
-                (EXIT_VM_DIED, SystemTime::now())
+                (EXIT_VM_DIED, SystemTime::now(), false)
             }
         };
         // Every byte the process wrote reaches containerd before its exit
@@ -571,6 +572,14 @@ impl Service {
             exited_at: MessageField::some(ts(at)),
             ..Default::default()
         };
+        if oom_killed {
+            // Before the exit, so that the exit can be put down to it.
+            let oom = TaskOOM {
+                container_id: id.clone(),
+                ..Default::default()
+            };
+            self.publish(TASK_OOM_EVENT_TOPIC, Box::new(oom)).await;
+        }
         // Published before the exit is visible to Wait and State, so that
         // containerd has it before any delete that follows a Wait.
         self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;

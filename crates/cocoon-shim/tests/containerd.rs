@@ -523,3 +523,36 @@ fn seccomp_profile_is_applied_in_the_guest() {
         text(&o)
     );
 }
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn oom_kill_is_an_event_and_exit_137() {
+    let mut events = Command::new("ctr")
+        .args(["--address", &socket(), "--namespace", NS, "events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = run_rm(
+        "e2e-oom",
+        &["--memory-limit", "16777216"],
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
+    // The guest's OOM watcher polls every 250 ms; give the event time to land.
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = events.kill();
+    let log = String::from_utf8_lossy(&events.wait_with_output().unwrap().stdout).into_owned();
+    assert_eq!(o.status.code(), Some(137), "{:?}", text(&o));
+    assert!(!text(&o).0.contains("survived"));
+    let oom: Vec<&str> = log.lines().filter(|l| l.contains("/tasks/oom")).collect();
+    assert!(
+        oom.iter().any(|l| l.contains("e2e-oom")),
+        "no /tasks/oom event for e2e-oom in:\n{log}"
+    );
+    assert_no_leftovers("e2e-oom");
+}

@@ -243,8 +243,26 @@ impl Hypervisor for Qemu {
         vm.pid = d.pid();
         vm.qemu = Some(d);
         r?;
-        // A QMP round trip proves QEMU came up (and not only created the socket).
-        let mut qmp = vm.qmp().await?;
+        // A QMP round trip proves QEMU came up. The socket file exists from
+        // bind(2), a moment before QEMU listens: retry a refused connect.
+        let deadline = tokio::time::Instant::now() + DAEMON_SOCKET_TIMEOUT;
+        let mut qmp = loop {
+            match vm.qmp().await {
+                Ok(q) => break q,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    if let Some(status) = vm.qemu.as_mut().and_then(Daemon::try_exited) {
+                        return Err(Error::EarlyExit {
+                            what: "QEMU",
+                            status,
+                            log: tail(&spec.qemu_log(), 20),
+                        });
+                    }
+                    tracing::trace!("QMP not ready: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let status = qmp.status().await.map_err(|source| Error::Qmp {
             path: vm.qmp_path.clone(),
             source,

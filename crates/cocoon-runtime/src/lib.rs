@@ -23,16 +23,18 @@ pub use rundir::{cleanup_dead, RunDir};
 pub enum Error {
     #[error("invalid sandbox id {0:?}")]
     InvalidId(String),
-    #[error("sandbox {id}: {source}")]
+    #[error("sandbox {id}")]
     Hypervisor {
         id: String,
         #[source]
         source: cocoon_hypervisor::Error,
     },
-    #[error("sandbox {id}: the guest agent did not answer within {timeout:?}; last console lines:\n{console}")]
+    #[error("sandbox {id}: the guest agent did not answer within {timeout:?} ({attempts} attempts, the last: {last}); last console lines:\n{console}")]
     BootTimeout {
         id: String,
         timeout: Duration,
+        attempts: u32,
+        last: String,
         console: String,
     },
     #[error("sandbox {id}: the VM exited during boot ({status}); last console lines:\n{console}")]
@@ -41,14 +43,14 @@ pub enum Error {
         status: String,
         console: String,
     },
-    #[error("sandbox {id}: agent {call}: {source}")]
+    #[error("sandbox {id}: agent {call}")]
     Agent {
         id: String,
         call: &'static str,
         #[source]
         source: ttrpc::Error,
     },
-    #[error("sandbox {id}: {action} {path}: {source}")]
+    #[error("sandbox {id}: {action} {path}")]
     Host {
         id: String,
         action: &'static str,
@@ -56,7 +58,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("sandbox {id}: stream {what}: {source}")]
+    #[error("sandbox {id}: stream {what}")]
     Stream {
         id: String,
         what: String,
@@ -66,6 +68,18 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes on one line: `what failed: why: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// A timeout context for one agent call.
 pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
@@ -289,7 +303,10 @@ async fn connect_agent(
 ) -> Result<(AgentClient, String)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let start = std::time::Instant::now();
+    let mut attempts = 0;
+    let mut last = String::from("none");
     loop {
+        attempts += 1;
         if let Some(status) = vm.try_wait() {
             return Err(Error::VmExited {
                 id: id.into(),
@@ -302,19 +319,22 @@ async fn connect_agent(
             vm.vsock().connect(cocoon_protocols::AGENT_PORT),
         )
         .await;
-        if let Ok(Err(e)) = &attempt {
-            tracing::trace!(sandbox = id, "agent connect: {e}");
-        } else if attempt.is_err() {
-            tracing::trace!(sandbox = id, "agent connect: no answer in 500ms");
+        match &attempt {
+            Ok(Err(e)) => last = format!("connect: {e}"),
+            Err(_) => last = "connect: no answer in 500ms".into(),
+            Ok(Ok(_)) => {}
         }
         if let Ok(Ok(stream)) = attempt {
             let client = AgentClient::new(ttrpc::r#async::Client::new(
                 ttrpc::r#async::transport::Socket::new(stream),
             ));
-            if let Ok(pong) = client
+            let pong = client
                 .ping(ctx(Duration::from_secs(2)), &Empty::new())
-                .await
-            {
+                .await;
+            if let Err(e) = &pong {
+                last = format!("ping: {e}");
+            }
+            if let Ok(pong) = pong {
                 tracing::info!(
                     sandbox = id,
                     boot_ms = start.elapsed().as_millis() as u64,
@@ -327,6 +347,8 @@ async fn connect_agent(
             return Err(Error::BootTimeout {
                 id: id.into(),
                 timeout,
+                attempts,
+                last,
                 console: vm.console_tail(30),
             });
         }

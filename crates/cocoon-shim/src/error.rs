@@ -58,7 +58,7 @@ impl From<Error> for ttrpc::Error {
 
 impl From<cocoon_runtime::Error> for Error {
     fn from(e: cocoon_runtime::Error) -> Self {
-        Error::Internal(e.to_string())
+        Error::Internal(cocoon_runtime::error_chain(&e))
     }
 }
 

@@ -199,8 +199,13 @@ impl Service {
             .map(|o| o.config_path.clone())
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
-        let loaded = cocoon_config::load(explicit.as_deref())
-            .map_err(|e| Error::InvalidArgument(format!("task {}: configuration: {e}", req.id)))?;
+        let loaded = cocoon_config::load(explicit.as_deref()).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "task {}: configuration: {}",
+                req.id,
+                cocoon_runtime::error_chain(&e)
+            ))
+        })?;
         let sandbox_id = spec
             .annotations()
             .as_ref()

@@ -45,9 +45,8 @@ for b in cocoon cocoon-agent containerd-shim-cocoon-v2; do install -m 0755 targe
 say "guest image"
 cocoon image build --agent target/release/cocoon-agent --out /var/lib/cocoon/guest
 
-if [ ! -e /etc/cocoon/configuration.toml ]; then
-  install -D -m 0644 configs/q35.toml /etc/cocoon/configuration.toml
-fi
+[ -e /etc/cocoon/configuration.toml ] || install -D -m 0644 configs/q35.toml /etc/cocoon/configuration.toml
+[ -e /etc/cocoon/microvm.toml ] || install -D -m 0644 configs/microvm.toml /etc/cocoon/microvm.toml
 
 say "cocoon check"
 cocoon check

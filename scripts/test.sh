@@ -9,6 +9,8 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export COCOON_GUEST_DIR="${COCOON_GUEST_DIR:-/var/lib/cocoon/guest}"
 
 cargo build --release --locked --workspace
+# The tests boot the image: rebuild it if the agent changed (else a no-op).
+target/release/cocoon image build --agent target/release/cocoon-agent --out "$COCOON_GUEST_DIR"
 bash scripts/busybox-oci.sh build/busybox-oci.tar > /dev/null
 
 ctd=$(mktemp -d /tmp/cocoon-containerd.XXXXXX)

@@ -556,3 +556,68 @@ fn oom_kill_is_an_event_and_exit_137() {
     );
     assert_no_leftovers("e2e-oom");
 }
+
+/// Processes whose command line names this sandbox's VM.
+fn vms_of(sandbox: &str) -> usize {
+    let needle = format!("-name cocoon-{sandbox} ");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn containers_of_a_pod_share_one_vm() {
+    let pod = ["--annotation", "io.kubernetes.cri.sandbox-id=e2e-pod"];
+    let sandbox = Task::start(
+        "e2e-pod",
+        &[
+            pod[0],
+            pod[1],
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+        ],
+        &["sleep", "1000"],
+    );
+    sandbox.wait_status("RUNNING");
+    let app = Task::start(
+        "e2e-pod-app",
+        &[
+            pod[0],
+            pod[1],
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+        ],
+        &["sleep", "1000"],
+    );
+    app.wait_status("RUNNING");
+    assert_eq!(vms_of("e2e-pod"), 1, "one VM for the pod");
+    assert_eq!(
+        vms_of("e2e-pod-app"),
+        0,
+        "no VM of its own for the app container"
+    );
+    let boot_id =
+        |t: &Task, x: &str| text(&t.exec(x, &["cat", "/proc/sys/kernel/random/boot_id"])).0;
+    let a = boot_id(&sandbox, "b1");
+    assert_eq!(a.len(), 37, "{a:?}");
+    assert_eq!(
+        a,
+        boot_id(&app, "b2"),
+        "both containers run on one guest kernel"
+    );
+    // The app goes; the pod's VM stays for the sandbox.
+    drop(app);
+    assert_eq!(vms_of("e2e-pod"), 1);
+    assert_eq!(sandbox.exec("b3", &["true"]).status.code(), Some(0));
+}

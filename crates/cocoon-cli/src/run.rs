@@ -265,19 +265,20 @@ async fn run_in(
     } else {
         None
     };
-    let stdout = sandbox
+    let channel = sandbox.channel();
+    let stdout = channel
         .open_stream(StreamKind::Stdout, CONTAINER_ID, "")
         .await?;
     let stderr = if args.tty {
         None
     } else {
         Some(
-            sandbox
+            channel
                 .open_stream(StreamKind::Stderr, CONTAINER_ID, "")
                 .await?,
         )
     };
-    let stdin = sandbox
+    let stdin = channel
         .open_stream(StreamKind::Stdin, CONTAINER_ID, "")
         .await?;
     let pump_out = tokio::spawn(async move {

@@ -48,6 +48,8 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// The host directory shared with the guest over virtio-fs.
     pub shared_dir: PathBuf,
+    /// The virtio-fs tag the guest mounts the shared directory by.
+    pub share_tag: String,
     /// The guest's TSC rate, where the guest cannot calibrate it reliably
     /// (see [`host::tsc_khz`]).
     pub tsc_khz: Option<u32>,

@@ -95,7 +95,7 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         format!(
             "{},chardev=fs,tag={},queue-size=1024",
             dev("vhost-user-fs-pci", "vhost-user-fs-device"),
-            cocoon_tag()
+            spec.share_tag
         ),
     ];
     match spec.vsock {
@@ -117,11 +117,6 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         ]),
     }
     a.into_iter().map(OsString::from).collect()
-}
-
-/// The virtio-fs tag; the guest agent mounts it by this name.
-fn cocoon_tag() -> &'static str {
-    "cocoon"
 }
 
 /// The virtiofsd command line for `spec`.
@@ -394,6 +389,7 @@ mod tests {
             vsock,
             run_dir: "/run/cocoon/t1".into(),
             shared_dir: "/run/cocoon/t1/shared".into(),
+            share_tag: "cocoon".into(),
             tsc_khz: None,
         }
     }

@@ -118,6 +118,7 @@ impl Sandbox {
             vsock,
             run_dir: dir.path().to_path_buf(),
             shared_dir: dir.shared().to_path_buf(),
+            share_tag: cocoon_protocols::SHARE_TAG.into(),
             tsc_khz: match accel {
                 cocoon_hypervisor::ResolvedAccel::Tcg => cocoon_hypervisor::host::tsc_khz(),
                 cocoon_hypervisor::ResolvedAccel::Kvm => None,
@@ -210,18 +211,6 @@ impl Sandbox {
     /// The state directory of this sandbox.
     pub fn run_dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// Opens one stdio stream of a process (`exec_id` empty for the init).
-    pub async fn open_stream(
-        &self,
-        kind: StreamKind,
-        container_id: &str,
-        exec_id: &str,
-    ) -> Result<VsockStream> {
-        self.channel()
-            .open_stream(kind, container_id, exec_id)
-            .await
     }
 
     /// Powers the guest off and releases every host resource.

@@ -16,13 +16,15 @@ use cocoon_protocols::agent_ttrpc::AgentClient;
 use cocoon_protocols::{StreamHeader, StreamKind};
 use tokio::io::AsyncWriteExt;
 
-pub use rundir::{cleanup_dead, RunDir};
+pub use rundir::{cleanup_dead, owned_processes, RunDir};
 
 /// Why a sandbox operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid sandbox id {0:?}")]
     InvalidId(String),
+    #[error("sandbox {id} is already running ({path})")]
+    Running { id: String, path: PathBuf },
     #[error("sandbox {id}")]
     Hypervisor {
         id: String,
@@ -110,6 +112,23 @@ impl Sandbox {
         let accel = caps.resolve_accel(config.hypervisor.accel);
         let vsock = caps.resolve_vsock(config.vsock.transport);
         tracing::info!(sandbox = id, ?accel, ?vsock, machine = ?config.hypervisor.machine, "starting VM");
+        // State left by an owner that died with its VM (a killed shim whose
+        // containerd never ran `delete`) is cleaned; a live sandbox is not.
+        let stale = config.runtime.state_dir.join(id);
+        if stale.exists() {
+            if !owned_processes(&stale).is_empty() {
+                return Err(Error::Running {
+                    id: id.into(),
+                    path: stale,
+                });
+            }
+            tracing::info!(
+                sandbox = id,
+                "removing the state of a previous owner: {}",
+                stale.display()
+            );
+            cleanup_dead(&stale).await;
+        }
         let dir = RunDir::create(id, &config.runtime.state_dir)?;
         let spec = VmSpec {
             name: format!("cocoon-{id}"),

@@ -154,28 +154,37 @@ fn remove_no_follow(dir: &Path) {
     }
 }
 
+/// `dir` with a trailing slash: what paths inside it start with. Without
+/// the slash, sandbox `a` would claim the processes and mounts of `ab`.
+fn within(dir: &Path) -> String {
+    format!("{}/", dir.to_string_lossy().trim_end_matches('/'))
+}
+
+/// The recorded processes (`*.pid`) of `dir` that are still alive and
+/// still ours: their command line names the directory.
+pub fn owned_processes(dir: &Path) -> Vec<nix::unistd::Pid> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pid"))
+        .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<i32>().ok())
+        .map(nix::unistd::Pid::from_raw)
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(&within(dir))
+        })
+        .collect()
+}
+
 /// Cleans up after an owner that died: kills the processes recorded in
 /// `*.pid`, unmounts everything below `dir`, removes it.
 pub async fn cleanup_dead(dir: &Path) {
-    let mut pids = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "pid") {
-                if let Some(pid) = std::fs::read_to_string(&p)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<i32>().ok())
-                {
-                    let pid = nix::unistd::Pid::from_raw(pid);
-                    // Only if it is still ours: its command line names this directory.
-                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
-                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                        pids.push(pid);
-                    }
-                }
-            }
-        }
+    let pids = owned_processes(dir);
+    for p in &pids {
+        let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while pids
@@ -189,7 +198,7 @@ pub async fn cleanup_dead(dir: &Path) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let prefix = dir.to_string_lossy().into_owned();
+    let prefix = within(dir);
     let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
@@ -201,4 +210,17 @@ pub async fn cleanup_dead(dir: &Path) {
         let _ = umount2(Path::new(&m), MntFlags::MNT_DETACH);
     }
     remove_no_follow(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_does_not_claim_its_prefix_siblings() {
+        let a = within(Path::new("/run/cocoon/a"));
+        assert!("/run/cocoon/a/shared".starts_with(&a));
+        assert!(!"/run/cocoon/ab/shared".starts_with(&a));
+        assert_eq!(within(Path::new("/run/cocoon/a/")), a);
+    }
 }

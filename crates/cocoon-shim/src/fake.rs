@@ -243,8 +243,10 @@ impl agent_ttrpc::Agent for FakeAgent {
 /// A pod whose guest is a [`FakeAgent`] behind a hybrid-vsock-style socket.
 pub struct FakePod {
     channel: Channel,
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     stopped: Arc<Mutex<bool>>,
+    // Dropped with the pod, which ends the fake guest.
+    _server: Mutex<ttrpc::r#async::Server>,
 }
 
 #[async_trait]
@@ -256,7 +258,7 @@ impl PodHandle for FakePod {
         4242
     }
     fn run_dir(&self) -> PathBuf {
-        self.dir.clone()
+        self.dir.path().to_path_buf()
     }
     fn share_rootfs(&mut self, container_id: &str, _: &Path) -> Result<String> {
         Ok(format!("{container_id}/rootfs"))
@@ -274,7 +276,6 @@ impl PodHandle for FakePod {
 pub struct FakeLauncher {
     pub launches: Mutex<Vec<String>>,
     pub stopped: Arc<Mutex<bool>>,
-    dir: Mutex<Option<tempfile::TempDir>>,
 }
 
 #[async_trait]
@@ -323,38 +324,29 @@ impl Launcher for FakeLauncher {
             .add_listener(ttrpc::r#async::transport::Listener::new(incoming))
             .register_service(agent_ttrpc::create_agent(Arc::new(agent)));
         server.start().await.unwrap();
-        std::mem::forget(server);
         let vsock = VsockConnector::Hybrid { uds };
         let stream = vsock.connect(cocoon_protocols::AGENT_PORT).await.unwrap();
         let client = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(
             ttrpc::r#async::transport::Socket::new(stream),
         ));
-        let pod = FakePod {
+        Ok(Box::new(FakePod {
             channel: Channel::new(sandbox_id, client, vsock),
-            dir: dir.path().into(),
+            dir,
             stopped: self.stopped.clone(),
-        };
-        *self.dir.lock().unwrap() = Some(dir);
-        Ok(Box::new(pod))
+            _server: Mutex::new(server),
+        }))
     }
 }
 
-/// Records published events as `(topic, container id)`.
+/// Records the topics of published events, in order.
 #[derive(Default)]
 pub struct FakeEvents {
-    pub seen: Mutex<Vec<(String, String)>>,
+    pub topics: Mutex<Vec<String>>,
 }
 
 #[async_trait]
 impl Events for FakeEvents {
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let text = format!("{event:?}");
-        let id = text
-            .split("container_id: \"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("")
-            .to_string();
-        self.seen.lock().unwrap().push((topic.into(), id));
+    async fn publish(&self, topic: &str, _: Box<dyn MessageDyn>) {
+        self.topics.lock().unwrap().push(topic.into());
     }
 }

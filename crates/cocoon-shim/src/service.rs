@@ -162,6 +162,12 @@ impl Service {
         *self.s.vmm_pid.lock().unwrap()
     }
 
+    /// The pod's channel, for a request about a known process.
+    fn known(&self, id: &str, exec_id: &str) -> Result<Channel> {
+        self.with_proc(id, exec_id, |_| Ok(()))?;
+        self.channel()
+    }
+
     fn with_proc<T>(
         &self,
         id: &str,
@@ -334,10 +340,18 @@ impl Service {
         if !req.rootfs.is_empty() {
             std::fs::create_dir_all(&rootfs)
                 .map_err(|e| Error::Internal(format!("create {}: {e}", rootfs.display())))?;
-            for m in &req.rootfs {
-                mount_one(m, &rootfs).map_err(|e| {
-                    Error::Internal(format!("task {id}: mount rootfs {}: {e}", m.source))
-                })?;
+            for (i, m) in req.rootfs.iter().enumerate() {
+                if let Err(e) = mount_one(m, &rootfs) {
+                    // Undo the layers already mounted on the rootfs.
+                    for _ in 0..i {
+                        let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+                    }
+                    return Err(Error::Internal(format!(
+                        "task {id}: mount rootfs {} on {}: {e}",
+                        m.source,
+                        rootfs.display()
+                    )));
+                }
             }
             rootfs_mounted = true;
         }
@@ -1041,8 +1055,7 @@ impl Task for Service {
         req: api::PidsRequest,
     ) -> ttrpc::Result<api::PidsResponse> {
         let r = async {
-            self.with_proc(&req.id, "", |_| Ok(()))?;
-            let ch = self.channel()?;
+            let ch = self.known(&req.id, "")?;
             let r = ag::ContainerRequest {
                 container_id: req.id.clone(),
                 ..Default::default()
@@ -1175,8 +1188,7 @@ impl Task for Service {
         req: api::ResizePtyRequest,
     ) -> ttrpc::Result<api::Empty> {
         let r = async {
-            self.with_proc(&req.id, &req.exec_id, |_| Ok(()))?;
-            let ch = self.channel()?;
+            let ch = self.known(&req.id, &req.exec_id)?;
             let r = ag::ResizeTtyRequest {
                 container_id: req.id.clone(),
                 exec_id: req.exec_id.clone(),
@@ -1276,8 +1288,7 @@ impl Task for Service {
         req: api::StatsRequest,
     ) -> ttrpc::Result<api::StatsResponse> {
         let r = async {
-            self.with_proc(&req.id, "", |_| Ok(()))?;
-            let ch = self.channel()?;
+            let ch = self.known(&req.id, "")?;
             let r = ag::ContainerRequest {
                 container_id: req.id.clone(),
                 ..Default::default()
@@ -1407,13 +1418,7 @@ mod tests {
         }
 
         fn topics(&self) -> Vec<String> {
-            self.events
-                .seen
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(t, _)| t.clone())
-                .collect()
+            self.events.topics.lock().unwrap().clone()
         }
     }
 

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export COCOON_GUEST_DIR="${COCOON_GUEST_DIR:-/var/lib/cocoon/guest}"
+# The hypervisor crate's console test boots this kernel with its own initrd.
+export COCOON_TEST_KERNEL="${COCOON_TEST_KERNEL:-$COCOON_GUEST_DIR/vmlinuz}"
 
 cargo build --release --locked --workspace
 # The tests boot the image: rebuild it if the agent changed (else a no-op).

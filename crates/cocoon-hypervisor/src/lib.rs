@@ -6,6 +6,7 @@
 //! vhost-vsock); dropping it kills them, [`Vm::shutdown`] stops them in order.
 
 pub mod host;
+mod logfile;
 mod process;
 pub mod qemu;
 pub mod qmp;
@@ -17,8 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use host::{HostCaps, KvmKind};
+pub use logfile::{LOG_CAP, TAIL_MAX_BYTES};
 pub use qemu::Qemu;
-pub use vsock::{VsockConnector, VsockStream};
+pub use vsock::{VsockConnector, VsockStream, CONNECT_TIMEOUT};
 
 /// The accelerator a VM really runs with (after `auto` is resolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,8 @@ impl VmSpec {
     pub fn vsock_uds(&self) -> PathBuf {
         self.run_dir.join("vsock.sock")
     }
+    /// The guest console, capped at [`LOG_CAP`] with `console.log.1`; so
+    /// are the daemons' logs below.
     pub fn console_log(&self) -> PathBuf {
         self.run_dir.join("console.log")
     }
@@ -155,10 +159,13 @@ pub trait Vm: Send + Sync {
     async fn wait(&mut self) -> String;
     /// `Some(status)` once the VMM has exited.
     fn try_wait(&mut self) -> Option<String>;
-    /// The last lines of the guest console, for error reports.
+    /// The last lines of the guest console, for error reports. Reads a
+    /// bounded amount ([`TAIL_MAX_BYTES`]) whatever `lines` is; control
+    /// characters the guest printed are replaced.
     fn console_tail(&self, lines: usize) -> String;
     /// Stops the VM: waits up to `grace` for the VMM to exit (the guest was
     /// asked to power off), then quits or kills it; then stops the helper
-    /// daemons. Every process is reaped when this returns.
+    /// daemons. Every process is reaped, and every log thread joined, when
+    /// this returns.
     async fn shutdown(&mut self, grace: Duration);
 }

@@ -1,55 +1,76 @@
-//! Child processes the VM owns: spawned with their output in a log file,
-//! killed on drop, reaped on every path.
+//! Child processes the VM owns: spawned with their output in a size-capped
+//! log, killed on drop, reaped on every path.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use crate::logfile::{LogPump, LOG_CAP};
 use crate::{Error, Result};
 
 /// A helper daemon or the VMM itself.
 pub(crate) struct Daemon {
     pub what: &'static str,
     child: Child,
+    /// Its stdout and stderr. Declared after `child`: dropping the daemon
+    /// kills the process first, then drains and joins the pump.
+    log: LogPump,
 }
 
 impl Daemon {
-    /// Spawns `cmd` with stdout and stderr appended to `log`.
-    pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Self> {
+    /// Spawns `cmd` with stdout and stderr going into a capped log at `log`.
+    /// `pass_fds` are inherited by the child under their own numbers (the
+    /// caller names them on the command line); the parent's copies are
+    /// closed once the child runs.
+    pub fn spawn(
+        what: &'static str,
+        mut cmd: Command,
+        log: &Path,
+        pass_fds: Vec<OwnedFd>,
+    ) -> Result<Self> {
         let program = Path::new(cmd.as_std().get_program()).to_path_buf();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| Error::Io {
-                action: "open log",
-                path: log.into(),
-                source,
-            })?;
-        let file2 = file.try_clone().map_err(|source| Error::Io {
-            action: "open log",
+        // Blocking writer: the daemons treat a failed write to stderr as an
+        // error (Rust's eprintln! panics). The pump drains continuously, so a
+        // full pipe only slows a daemon that logs at disk speed.
+        let (pump, out) = LogPump::start(what, log, LOG_CAP, false)?;
+        let err = out.try_clone().map_err(|source| Error::Io {
+            action: "duplicate log pipe",
             path: log.into(),
             source,
         })?;
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(file2))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
             .kill_on_drop(true);
         // Own process group: a Ctrl-C at the terminal reaches Cocoon, which
         // then stops the VM in order, instead of killing QEMU under it.
         cmd.process_group(0);
-        // If the owner is SIGKILLed, the VM goes with it rather than running
-        // on unowned. The death signal follows the spawning thread: owners
-        // spawn from their main thread or a runtime worker, which live as
-        // long as the owner does.
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
-        // no memory of the parent.
+        let inherit: Vec<RawFd> = pass_fds.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only async-signal-safe functions (prctl, umask, fcntl); it reads
+        // `inherit` but allocates nothing.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // If the owner is SIGKILLed, the VM goes with it rather than
+                // running on unowned. The death signal follows the spawning
+                // thread: owners spawn from their main thread or a runtime
+                // worker, which live as long as the owner does.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Sockets and files the daemon creates (QMP, vhost-user,
+                // hybrid vsock) are for Cocoon alone, whatever our umask.
+                libc::umask(0o077);
+                // Our fds are close-on-exec so that no other child inherits
+                // them; this child is meant to.
+                for fd in &inherit {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -59,8 +80,23 @@ impl Daemon {
             path: program,
             source,
         })?;
+        // The child holds its own copies now. Ours must go, or the pumps
+        // would never see EOF: `cmd` still holds the log pipe's write end.
+        drop(cmd);
+        drop(pass_fds);
         tracing::debug!(what, pid = child.id(), "spawned");
-        Ok(Self { what, child })
+        Ok(Self {
+            what,
+            child,
+            log: pump,
+        })
+    }
+
+    /// The last `n` lines of the log of a daemon that has exited: what it
+    /// wrote before exiting is drained first.
+    pub fn last_words(&mut self, n: usize) -> String {
+        self.log.finish();
+        self.log.tail(n)
     }
 
     pub fn pid(&self) -> u32 {
@@ -84,8 +120,14 @@ impl Daemon {
         }
     }
 
-    /// Waits up to `grace` for an exit, then SIGTERM, then SIGKILL; always reaps.
+    /// Waits up to `grace` for an exit, then SIGTERM, then SIGKILL; always
+    /// reaps, then drains and joins the log pump.
     pub async fn stop(&mut self, grace: Duration) {
+        self.end(grace).await;
+        self.log.finish();
+    }
+
+    async fn end(&mut self, grace: Duration) {
         if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
             return;
         }
@@ -105,23 +147,22 @@ impl Daemon {
     }
 }
 
-/// Waits for `path` to appear while `daemon` runs.
+/// Waits for `path` to appear while `daemon` runs, then makes it private.
 pub(crate) async fn wait_for_socket(
     daemon: &mut Daemon,
     path: &Path,
-    log: &Path,
     timeout: Duration,
 ) -> Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if path.exists() {
-            return Ok(());
+            return make_private(path);
         }
         if let Some(status) = daemon.try_exited() {
             return Err(Error::EarlyExit {
                 what: daemon.what,
                 status,
-                log: tail(log, 20),
+                log: daemon.last_words(20),
             });
         }
         if tokio::time::Instant::now() >= deadline {
@@ -135,9 +176,21 @@ pub(crate) async fn wait_for_socket(
     }
 }
 
-/// The last `n` lines of a log file.
-pub(crate) fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+/// Sets a socket a daemon created to mode 0600. The daemons run with umask
+/// 077 already; this holds even for one that sets its own mode. Only a
+/// socket is touched (never what a symlink points to).
+pub(crate) fn make_private(path: &Path) -> Result<()> {
+    let io = |source| Error::Io {
+        action: "restrict socket",
+        path: path.into(),
+        source,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    if !meta.file_type().is_socket() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a socket",
+        )));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
 }

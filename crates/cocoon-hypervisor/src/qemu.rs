@@ -1,7 +1,15 @@
 //! The QEMU backend.
+//!
+//! The guest's serial console reaches the host through a pipe QEMU inherits
+//! (`-add-fd` + a file chardev on `/dev/fdset/N`), drained by a thread into
+//! a size-capped `console.log`: a guest flooding its console costs old log
+//! lines, not host disk, and QEMU (which writes to the pipe non-blocking)
+//! never waits on our reader.
 
+use std::borrow::Cow;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,8 +17,9 @@ use cocoon_config::Machine;
 use tokio::process::Command;
 
 use crate::host::find_binary;
-use crate::process::{tail, wait_for_socket, Daemon};
-use crate::qmp::Qmp;
+use crate::logfile::{LogPump, LOG_CAP};
+use crate::process::{make_private, wait_for_socket, Daemon};
+use crate::qmp::{Qmp, QMP_TIMEOUT};
 use crate::{Error, Hypervisor, ResolvedAccel, ResolvedVsock, Result, Vm, VmSpec, VsockConnector};
 
 /// Kernel parameters Cocoon always passes; the flavour's own come after them.
@@ -21,12 +30,34 @@ const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 reboot=t quiet loglevel
 /// How long a helper daemon may take to create its socket.
 const DAEMON_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The QEMU command line for `spec`, without the binary. A pure function of
-/// the spec, so it is tested without spawning anything.
-pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
+/// The fd set QEMU finds the console pipe in (`/dev/fdset/<N>`).
+const CONSOLE_FDSET: u32 = 1;
+
+/// A value for a QEMU option string (`key=value,key=value`): QEMU reads a
+/// `,` as the end of the value unless it is doubled. Every name and path
+/// interpolated into such a string goes through here.
+pub fn opt_value(value: &str) -> Cow<'_, str> {
+    if value.contains(',') {
+        Cow::Owned(value.replace(',', ",,"))
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
+/// A path as an option value (see [`opt_value`]).
+fn opt_path(p: &Path) -> String {
+    opt_value(&p.to_string_lossy()).into_owned()
+}
+
+/// The QEMU command line for `spec`, without the binary; the guest console
+/// goes to `console_fd`, which QEMU must inherit (the write end of a pipe).
+/// A pure function of its arguments, so it is tested without spawning
+/// anything.
+pub fn command_line(spec: &VmSpec, console_fd: RawFd) -> Vec<OsString> {
     let h = &spec.config.hypervisor;
     let mem = h.memory_mib;
     let microvm = h.machine == Machine::Microvm;
+    // -kernel and -initrd take a plain path, not an option string.
     let path = |p: PathBuf| p.to_string_lossy().into_owned();
     let dev = |pci: &str, mmio: &str| {
         if microvm {
@@ -54,7 +85,7 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     }
     let mut a: Vec<String> = vec![
         "-name".into(),
-        spec.name.clone(),
+        opt_value(&spec.name).into_owned(),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-nographic".into(),
@@ -78,30 +109,37 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         path(spec.config.guest.initrd.clone()),
         "-append".into(),
         params,
+        // The console pipe: QEMU dups it from the fd set (append=on, so it
+        // does not try to truncate a pipe) and writes to it non-blocking.
+        "-add-fd".into(),
+        format!("fd={console_fd},set={CONSOLE_FDSET},opaque=console"),
         "-chardev".into(),
-        format!("file,id=console,path={}", path(spec.console_log())),
+        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
         "-serial".into(),
         "chardev:console".into(),
         "-chardev".into(),
         format!(
             "socket,id=qmp,path={},server=on,wait=off",
-            path(spec.qmp_socket())
+            opt_path(&spec.qmp_socket())
         ),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
         "-chardev".into(),
-        format!("socket,id=fs,path={}", path(spec.virtiofs_socket())),
+        format!("socket,id=fs,path={}", opt_path(&spec.virtiofs_socket())),
         "-device".into(),
         format!(
             "{},chardev=fs,tag={},queue-size=1024",
             dev("vhost-user-fs-pci", "vhost-user-fs-device"),
-            spec.share_tag
+            opt_value(&spec.share_tag)
         ),
     ];
     match spec.vsock {
         ResolvedVsock::Hybrid => a.extend([
             "-chardev".into(),
-            format!("socket,id=vsock,path={}", path(spec.vsock_backend_socket())),
+            format!(
+                "socket,id=vsock,path={}",
+                opt_path(&spec.vsock_backend_socket())
+            ),
             "-device".into(),
             format!(
                 "{},chardev=vsock",
@@ -119,13 +157,25 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     a.into_iter().map(OsString::from).collect()
 }
 
-/// The virtiofsd command line for `spec`.
+/// `--flag=<path>` without a lossy conversion.
+fn flag_path(flag: &str, p: &Path) -> OsString {
+    let mut s = OsString::from(flag);
+    s.push("=");
+    s.push(p);
+    s
+}
+
+/// The virtiofsd command line for `spec`. The sandbox and the seccomp
+/// filter are virtiofsd's defaults, spelled out so that a change of default
+/// cannot silently drop them: the guest drives this daemon
+/// (GHSA-2gv2-cffp-j227).
 pub fn virtiofsd_args(spec: &VmSpec) -> Vec<OsString> {
     vec![
-        format!("--socket-path={}", spec.virtiofs_socket().display()).into(),
-        format!("--shared-dir={}", spec.shared_dir.display()).into(),
+        flag_path("--socket-path", &spec.virtiofs_socket()),
+        flag_path("--shared-dir", &spec.shared_dir),
         format!("--cache={}", spec.config.virtiofs.cache).into(),
         "--sandbox=namespace".into(),
+        "--seccomp=kill".into(),
         "--announce-submounts".into(),
         "--inode-file-handles=never".into(),
         "--xattr".into(),
@@ -133,15 +183,13 @@ pub fn virtiofsd_args(spec: &VmSpec) -> Vec<OsString> {
 }
 
 /// The vhost-device-vsock command line for `spec` (hybrid vsock only).
+/// Separate flags rather than `--vm key=value,...`, which has no way to
+/// escape a `,` in a path.
 pub fn vsock_backend_args(spec: &VmSpec) -> Vec<OsString> {
     vec![
-        "--vm".into(),
-        format!(
-            "guest-cid=3,socket={},uds-path={}",
-            spec.vsock_backend_socket().display(),
-            spec.vsock_uds().display()
-        )
-        .into(),
+        "--guest-cid=3".into(),
+        flag_path("--socket", &spec.vsock_backend_socket()),
+        flag_path("--uds-path", &spec.vsock_uds()),
     ]
 }
 
@@ -185,8 +233,8 @@ impl Hypervisor for Qemu {
         let mut vm = QemuVm {
             qemu: None,
             helpers: Vec::new(),
+            console: None,
             qmp_path: spec.qmp_socket(),
-            console_log: spec.console_log(),
             connector: match spec.vsock {
                 ResolvedVsock::Hybrid => VsockConnector::Hybrid {
                     uds: spec.vsock_uds(),
@@ -198,43 +246,40 @@ impl Hypervisor for Qemu {
 
         let mut cmd = Command::new(&virtiofsd);
         cmd.args(virtiofsd_args(spec));
-        let mut d = Daemon::spawn("virtiofsd", cmd, &spec.virtiofsd_log())?;
-        let r = wait_for_socket(
-            &mut d,
-            &spec.virtiofs_socket(),
-            &spec.virtiofsd_log(),
-            DAEMON_SOCKET_TIMEOUT,
-        )
-        .await;
+        let mut d = Daemon::spawn("virtiofsd", cmd, &spec.virtiofsd_log(), Vec::new())?;
+        let r = wait_for_socket(&mut d, &spec.virtiofs_socket(), DAEMON_SOCKET_TIMEOUT).await;
         vm.helpers.push(d);
         r?;
 
         if let Some(backend) = backend {
             let mut cmd = Command::new(&backend);
             cmd.args(vsock_backend_args(spec));
-            let mut d = Daemon::spawn("vhost-device-vsock", cmd, &spec.vsock_backend_log())?;
-            let r = wait_for_socket(
-                &mut d,
-                &spec.vsock_backend_socket(),
+            let mut d = Daemon::spawn(
+                "vhost-device-vsock",
+                cmd,
                 &spec.vsock_backend_log(),
-                DAEMON_SOCKET_TIMEOUT,
-            )
-            .await;
+                Vec::new(),
+            )?;
+            let r =
+                wait_for_socket(&mut d, &spec.vsock_backend_socket(), DAEMON_SOCKET_TIMEOUT).await;
             vm.helpers.push(d);
             r?;
+            // The socket Cocoon connects to; bound before the vhost-user one.
+            let uds = spec.vsock_uds();
+            if uds.exists() {
+                make_private(&uds)?;
+            }
         }
 
+        // The console pipe exists, and is drained, before QEMU starts: no
+        // early boot output is lost.
+        let (console, console_w) = LogPump::start("console", &spec.console_log(), LOG_CAP, true)?;
+        vm.console = Some(console);
         let mut cmd = Command::new(&qemu);
-        cmd.args(command_line(spec));
+        cmd.args(command_line(spec, console_w.as_raw_fd()));
         tracing::debug!(cmd = ?cmd.as_std(), "starting QEMU");
-        let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log())?;
-        let r = wait_for_socket(
-            &mut d,
-            &spec.qmp_socket(),
-            &spec.qemu_log(),
-            DAEMON_SOCKET_TIMEOUT,
-        )
-        .await;
+        let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log(), vec![console_w])?;
+        let r = wait_for_socket(&mut d, &spec.qmp_socket(), DAEMON_SOCKET_TIMEOUT).await;
         vm.pid = d.pid();
         vm.qemu = Some(d);
         r?;
@@ -245,12 +290,14 @@ impl Hypervisor for Qemu {
             match vm.qmp().await {
                 Ok(q) => break q,
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    if let Some(status) = vm.qemu.as_mut().and_then(Daemon::try_exited) {
-                        return Err(Error::EarlyExit {
-                            what: "QEMU",
-                            status,
-                            log: tail(&spec.qemu_log(), 20),
-                        });
+                    if let Some(q) = vm.qemu.as_mut() {
+                        if let Some(status) = q.try_exited() {
+                            return Err(Error::EarlyExit {
+                                what: "QEMU",
+                                status,
+                                log: q.last_words(20),
+                            });
+                        }
                     }
                     tracing::trace!("QMP not ready: {e}");
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -263,12 +310,14 @@ impl Hypervisor for Qemu {
             source,
         })?;
         tracing::debug!(pid = vm.pid, %status, "QEMU running");
-        if let Some(status) = vm.qemu.as_mut().and_then(Daemon::try_exited) {
-            return Err(Error::EarlyExit {
-                what: "QEMU",
-                status,
-                log: tail(&spec.qemu_log(), 20),
-            });
+        if let Some(q) = vm.qemu.as_mut() {
+            if let Some(status) = q.try_exited() {
+                return Err(Error::EarlyExit {
+                    what: "QEMU",
+                    status,
+                    log: q.last_words(20),
+                });
+            }
         }
         Ok(Box::new(vm))
     }
@@ -278,15 +327,17 @@ impl Hypervisor for Qemu {
 pub struct QemuVm {
     qemu: Option<Daemon>,
     helpers: Vec<Daemon>,
+    /// Drains the console pipe; after `qemu` so that, on drop, QEMU is
+    /// killed before the pump is told to finish.
+    console: Option<LogPump>,
     qmp_path: PathBuf,
-    console_log: PathBuf,
     connector: VsockConnector,
     pid: u32,
 }
 
 impl QemuVm {
     async fn qmp(&self) -> Result<Qmp> {
-        Qmp::connect(&self.qmp_path)
+        Qmp::connect(&self.qmp_path, QMP_TIMEOUT)
             .await
             .map_err(|source| Error::Qmp {
                 path: self.qmp_path.clone(),
@@ -346,7 +397,10 @@ impl Vm for QemuVm {
     }
 
     fn console_tail(&self, lines: usize) -> String {
-        tail(&self.console_log, lines)
+        self.console
+            .as_ref()
+            .map(|c| c.tail(lines))
+            .unwrap_or_default()
     }
 
     async fn shutdown(&mut self, grace: Duration) {
@@ -361,6 +415,10 @@ impl Vm for QemuVm {
                 let _ = tokio::time::timeout(Duration::from_secs(1), quit).await;
             }
             q.stop(Duration::from_secs(2)).await;
+        }
+        // QEMU is reaped: the pipe is at EOF, or nearly (bounded drain).
+        if let Some(c) = self.console.as_mut() {
+            c.finish();
         }
         // With QEMU gone the daemons have nothing left to serve;
         // vhost-device-vsock would wait for a new frontend, so end them now.
@@ -394,8 +452,11 @@ mod tests {
         }
     }
 
+    /// Any fd number: the command line only names it.
+    const CONSOLE_FD: RawFd = 7;
+
     fn joined(spec: &VmSpec) -> String {
-        command_line(spec)
+        command_line(spec, CONSOLE_FD)
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -412,7 +473,7 @@ mod tests {
     #[test]
     fn q35_tcg_hybrid() {
         let s = spec(Machine::Q35, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
-        let args = command_line(&s);
+        let args = command_line(&s, CONSOLE_FD);
         assert_eq!(arg_after(&args, "-machine"), ["q35,memory-backend=mem"]);
         assert_eq!(arg_after(&args, "-accel"), ["tcg,thread=multi"]);
         assert_eq!(arg_after(&args, "-cpu"), ["max"]);
@@ -450,8 +511,11 @@ mod tests {
             all.contains("socket,id=qmp,path=/run/cocoon/t1/qmp.sock,server=on,wait=off"),
             "{all}"
         );
+        assert_eq!(arg_after(&args, "-add-fd"), ["fd=7,set=1,opaque=console"]);
         assert!(
-            all.contains("file,id=console,path=/run/cocoon/t1/console.log"),
+            all.contains(
+                "-chardev file,id=console,path=/dev/fdset/1,append=on -serial chardev:console"
+            ),
             "{all}"
         );
         assert!(all.contains("-no-reboot"));
@@ -464,7 +528,7 @@ mod tests {
             ResolvedAccel::Kvm,
             ResolvedVsock::Vhost { guest_cid: 42 },
         );
-        let args = command_line(&s);
+        let args = command_line(&s, CONSOLE_FD);
         assert!(arg_after(&args, "-machine")[0].starts_with("microvm,"));
         assert_eq!(arg_after(&args, "-accel"), ["kvm"]);
         assert_eq!(arg_after(&args, "-cpu"), ["host"]);
@@ -482,7 +546,7 @@ mod tests {
     fn measured_tsc_rate_reaches_the_kernel() {
         let mut s = spec(Machine::Microvm, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
         s.tsc_khz = Some(2_596_118);
-        let append = &arg_after(&command_line(&s), "-append")[0];
+        let append = &arg_after(&command_line(&s, CONSOLE_FD), "-append")[0];
         assert!(append.contains(" tsc_early_khz=2596118 "), "{append}");
         assert!(
             append.ends_with(" foo=bar"),
@@ -497,15 +561,64 @@ mod tests {
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
-        assert!(v.contains(&"--shared-dir=/run/cocoon/t1/shared".to_string()));
-        assert!(v.contains(&"--socket-path=/run/cocoon/t1/virtiofs.sock".to_string()));
+        for want in [
+            "--shared-dir=/run/cocoon/t1/shared",
+            "--socket-path=/run/cocoon/t1/virtiofs.sock",
+            // The guest drives virtiofsd: its sandbox and seccomp filter stay.
+            "--sandbox=namespace",
+            "--seccomp=kill",
+            "--announce-submounts",
+        ] {
+            assert!(v.iter().any(|a| a == want), "{want} missing from {v:?}");
+        }
+        assert!(!v
+            .iter()
+            .any(|a| a.starts_with("--sandbox=") && a != "--sandbox=namespace"));
+        assert!(!v
+            .iter()
+            .any(|a| a.starts_with("--seccomp=") && a != "--seccomp=kill"));
         let b: Vec<_> = vsock_backend_args(&s)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
         assert_eq!(
-            b[1],
-            "guest-cid=3,socket=/run/cocoon/t1/vhost-vsock.sock,uds-path=/run/cocoon/t1/vsock.sock"
+            b,
+            [
+                "--guest-cid=3",
+                "--socket=/run/cocoon/t1/vhost-vsock.sock",
+                "--uds-path=/run/cocoon/t1/vsock.sock"
+            ]
         );
+    }
+
+    #[test]
+    fn commas_in_option_values_are_doubled() {
+        assert_eq!(opt_value("plain"), "plain");
+        assert!(matches!(opt_value("plain"), Cow::Borrowed(_)));
+        assert_eq!(opt_value("a,b"), "a,,b");
+        assert_eq!(opt_value(",a,,b,"), ",,a,,,,b,,");
+        assert_eq!(opt_value(""), "");
+    }
+
+    #[test]
+    fn names_and_paths_cannot_inject_options() {
+        let mut s = spec(Machine::Q35, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
+        s.name = "evil,debug-threads=on".into();
+        s.run_dir = "/run/co,coon/t1".into();
+        s.share_tag = "tag,x=y".into();
+        let args = command_line(&s, CONSOLE_FD);
+        assert_eq!(arg_after(&args, "-name"), ["evil,,debug-threads=on"]);
+        let all = joined(&s);
+        for want in [
+            "socket,id=qmp,path=/run/co,,coon/t1/qmp.sock,server=on,wait=off",
+            "socket,id=fs,path=/run/co,,coon/t1/virtiofs.sock",
+            "socket,id=vsock,path=/run/co,,coon/t1/vhost-vsock.sock",
+            "chardev=fs,tag=tag,,x=y,queue-size=1024",
+        ] {
+            assert!(all.contains(want), "{want} missing from {all}");
+        }
+        // The daemons take paths as whole arguments: nothing to escape.
+        let b = vsock_backend_args(&s);
+        assert_eq!(b[2], "--uds-path=/run/co,coon/t1/vsock.sock");
     }
 }

@@ -1,11 +1,26 @@
 //! A small QMP client: capabilities negotiation, then one command at a time.
+//!
+//! QEMU is a host process, but it can be stuck (a vCPU thread holding the
+//! big QEMU lock while the guest misbehaves, a hung vhost-user backend), so
+//! every call has a deadline and every line read is bounded.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+
+/// The deadline Cocoon gives each QMP call.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest QMP line (greeting, reply or event) we accept. Replies to the
+/// commands Cocoon sends are a few hundred bytes.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// How much of a malformed line an error quotes.
+const QUOTE_MAX: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -19,47 +34,102 @@ pub enum QmpError {
     Malformed(String),
     #[error("{class}: {desc}")]
     Command { class: String, desc: String },
+    #[error("{what}: no answer within {timeout:?}")]
+    Timeout { what: String, timeout: Duration },
+    #[error("a line longer than {limit} bytes")]
+    LineTooLong { limit: usize },
+    /// An earlier call timed out or was cut mid-line: a reply still on its
+    /// way could be taken for the answer to the next command.
+    #[error("connection unusable after an earlier failure")]
+    Broken,
 }
 
 /// A negotiated QMP connection.
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    timeout: Duration,
+    broken: bool,
 }
 
 impl Qmp {
-    /// Connects and leaves capabilities-negotiation mode.
-    pub async fn connect(path: &Path) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path).await.map_err(QmpError::Connect)?;
-        let (r, w) = stream.into_split();
-        let mut qmp = Self {
-            reader: BufReader::new(r),
-            writer: w,
+    /// Connects and leaves capabilities-negotiation mode, all within
+    /// `timeout`; each later command gets `timeout` too.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let connect = async {
+            let stream = UnixStream::connect(path).await.map_err(QmpError::Connect)?;
+            let (r, w) = stream.into_split();
+            let mut qmp = Self {
+                reader: BufReader::new(r),
+                writer: w,
+                timeout,
+                broken: false,
+            };
+            let greeting = qmp.read_message().await?;
+            if greeting.get("QMP").is_none() {
+                return Err(QmpError::Malformed(quote(&greeting.to_string())));
+            }
+            qmp.send_and_receive("qmp_capabilities", None).await?;
+            Ok(qmp)
         };
-        let greeting = qmp.read_message().await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Malformed(greeting.to_string()));
-        }
-        qmp.execute("qmp_capabilities", None).await?;
-        Ok(qmp)
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: "connect and negotiate".into(),
+                timeout,
+            })?
     }
 
+    /// Reads one line, at most [`MAX_LINE`] bytes, as JSON.
     async fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
-        if self
-            .reader
-            .read_line(&mut line)
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
             .await
-            .map_err(QmpError::Io)?
-            == 0
-        {
+            .map_err(QmpError::Io)?;
+        if n == 0 {
             return Err(QmpError::Closed);
         }
-        serde_json::from_str(&line).map_err(|_| QmpError::Malformed(line))
+        if line.last() != Some(&b'\n') {
+            if n >= MAX_LINE {
+                return Err(QmpError::LineTooLong { limit: MAX_LINE });
+            }
+            return Err(QmpError::Closed);
+        }
+        serde_json::from_slice(&line)
+            .map_err(|_| QmpError::Malformed(quote(&String::from_utf8_lossy(&line))))
     }
 
     /// Runs one command and returns its `return` value; events are skipped.
+    /// Fails with [`QmpError::Timeout`] if QEMU does not answer in time,
+    /// after which this connection is [`QmpError::Broken`].
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        if self.broken {
+            return Err(QmpError::Broken);
+        }
+        let timeout = self.timeout;
+        let r = match tokio::time::timeout(timeout, self.send_and_receive(command, args)).await {
+            Ok(r) => r,
+            Err(_) => Err(QmpError::Timeout {
+                what: command.into(),
+                timeout,
+            }),
+        };
+        if matches!(
+            r,
+            Err(QmpError::Timeout { .. } | QmpError::LineTooLong { .. } | QmpError::Io(_))
+        ) {
+            self.broken = true;
+        }
+        r
+    }
+
+    async fn send_and_receive(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = args {
             msg["arguments"] = a;
@@ -73,7 +143,7 @@ impl Qmp {
                 return Ok(r.clone());
             }
             if let Some(e) = reply.get("error") {
-                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                let s = |k: &str| quote(e.get(k).and_then(Value::as_str).unwrap_or(""));
                 return Err(QmpError::Command {
                     class: s("class"),
                     desc: s("desc"),
@@ -89,7 +159,7 @@ impl Qmp {
         r.get("status")
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| QmpError::Malformed(r.to_string()))
+            .ok_or_else(|| QmpError::Malformed(quote(&r.to_string())))
     }
 
     pub async fn stop(&mut self) -> Result<(), QmpError> {
@@ -107,6 +177,18 @@ impl Qmp {
             Err(e) => Err(e),
         }
     }
+}
+
+/// At most [`QUOTE_MAX`] bytes of `s`, for an error message.
+fn quote(s: &str) -> String {
+    if s.len() <= QUOTE_MAX {
+        return s.to_string();
+    }
+    let mut end = QUOTE_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 #[cfg(test)]
@@ -129,6 +211,9 @@ mod tests {
             seen.push(line.trim().to_string());
             w.write_all(reply.as_bytes()).await.unwrap();
         }
+        // Then silence, until the client hangs up.
+        let mut rest = Vec::new();
+        while r.read_until(b'\n', &mut rest).await.is_ok_and(|n| n > 0) {}
         seen
     }
 
@@ -145,13 +230,75 @@ mod tests {
                 "{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\n",
             ],
         ));
-        let mut qmp = Qmp::connect(&path).await.unwrap();
+        let mut qmp = Qmp::connect(&path, QMP_TIMEOUT).await.unwrap();
         assert_eq!(qmp.status().await.unwrap(), "paused");
         let err = qmp.cont().await.unwrap_err();
         assert_eq!(err.to_string(), "GenericError: nope");
+        drop(qmp);
         let seen = peer.await.unwrap();
         assert_eq!(seen[0], r#"{"execute":"qmp_capabilities"}"#);
         assert_eq!(seen[1], r#"{"execute":"query-status"}"#);
         assert_eq!(seen[2], r#"{"execute":"cont"}"#);
+    }
+
+    #[tokio::test]
+    async fn a_silent_qemu_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Accepts, never greets.
+        let peer = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let t0 = std::time::Instant::now();
+        let err = Qmp::connect(&path, Duration::from_millis(200))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(err.to_string().contains("200ms"), "{err}");
+        peer.abort();
+    }
+
+    #[tokio::test]
+    async fn a_command_without_answer_times_out_and_breaks_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Negotiates, then swallows the next command.
+        let peer = tokio::spawn(fake_qemu(listener, vec!["{\"return\": {}}\n"]));
+        let mut qmp = Qmp::connect(&path, Duration::from_millis(200))
+            .await
+            .unwrap();
+        let err = qmp.status().await.unwrap_err();
+        assert!(
+            matches!(&err, QmpError::Timeout { what, .. } if what == "query-status"),
+            "{err}"
+        );
+        assert!(matches!(qmp.cont().await, Err(QmpError::Broken)));
+        drop(qmp);
+        peer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let junk = [b'x'; 4096];
+            // Until the client hangs up.
+            while s.write_all(&junk).await.is_ok() {}
+        });
+        let err = Qmp::connect(&path, QMP_TIMEOUT).await.err().unwrap();
+        assert!(
+            matches!(err, QmpError::LineTooLong { limit: MAX_LINE }),
+            "{err}"
+        );
+        peer.await.unwrap();
     }
 }

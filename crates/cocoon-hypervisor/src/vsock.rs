@@ -1,13 +1,27 @@
 //! Reaching a guest vsock port from the host, over kernel vhost-vsock
 //! (AF_VSOCK) or hybrid vsock (a unix socket and a `CONNECT <port>` line).
+//!
+//! A connect is a call into the guest (or into a backend the guest can keep
+//! busy), so it has a deadline, and the hybrid handshake's answer is read
+//! with a bounded length.
 
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
 use tokio::net::UnixStream;
+
+/// The deadline of [`VsockConnector::connect`].
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest hybrid vsock answer we read (`OK <u32>\n` is at most 14
+/// bytes).
+const MAX_ANSWER: usize = 64;
 
 /// How to reach the guest.
 #[derive(Debug, Clone)]
@@ -23,9 +37,27 @@ pub enum VsockStream {
 }
 
 impl VsockConnector {
-    /// Connects to `port` in the guest. Fails (rather than waits) while
-    /// nothing in the guest listens on the port.
+    /// Connects to `port` in the guest within [`CONNECT_TIMEOUT`]; see
+    /// [`VsockConnector::connect_timeout`].
     pub async fn connect(&self, port: u32) -> io::Result<VsockStream> {
+        self.connect_timeout(port, CONNECT_TIMEOUT).await
+    }
+
+    /// Connects to `port` in the guest. Fails (rather than waits) while
+    /// nothing in the guest listens on the port (`ConnectionRefused`), and
+    /// with `TimedOut` if the whole connect (socket connect and, for hybrid
+    /// vsock, the handshake) takes longer than `timeout`.
+    pub async fn connect_timeout(&self, port: u32, timeout: Duration) -> io::Result<VsockStream> {
+        match tokio::time::timeout(timeout, self.connect_inner(port)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("vsock port {port}: not connected within {timeout:?}"),
+            )),
+        }
+    }
+
+    async fn connect_inner(&self, port: u32) -> io::Result<VsockStream> {
         match self {
             VsockConnector::Vhost { guest_cid } => {
                 let addr = tokio_vsock::VsockAddr::new(*guest_cid, port);
@@ -36,21 +68,50 @@ impl VsockConnector {
             VsockConnector::Hybrid { uds } => {
                 let mut s = UnixStream::connect(uds).await?;
                 s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
-                // Read the answer byte by byte: bytes after it belong to the caller.
-                let mut line = Vec::with_capacity(16);
-                let mut reader = BufReader::with_capacity(1, &mut s);
+                // Byte by byte: bytes after the answer belong to the caller.
+                // At most MAX_ANSWER of them: a peer that never sends '\n'
+                // must not grow our buffer.
+                let mut line = Vec::with_capacity(MAX_ANSWER);
+                let mut reader = BufReader::with_capacity(1, &mut s).take(MAX_ANSWER as u64);
                 reader.read_until(b'\n', &mut line).await?;
-                let answer = String::from_utf8_lossy(&line);
-                if !answer.starts_with("OK ") {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
-                        format!("hybrid vsock refused port {port}: {:?}", answer.trim()),
-                    ));
-                }
+                check_answer(port, &line)?;
                 Ok(VsockStream::Unix(s))
             }
         }
     }
+}
+
+/// Accepts exactly `OK <number>\n` (the number is the host-side port the
+/// backend assigned, not the guest's).
+fn check_answer(port: u32, line: &[u8]) -> io::Result<()> {
+    let Some(answer) = line.strip_suffix(b"\n") else {
+        return Err(if line.len() >= MAX_ANSWER {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("hybrid vsock port {port}: answer longer than {MAX_ANSWER} bytes"),
+            )
+        } else {
+            // What the backend does when nothing in the guest listens.
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("hybrid vsock refused port {port}: connection closed"),
+            )
+        });
+    };
+    let ok = answer
+        .strip_prefix(b"OK ")
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .is_some_and(|n| n.parse::<u32>().is_ok());
+    if ok {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "hybrid vsock port {port}: unexpected answer {:?}",
+            String::from_utf8_lossy(answer)
+        ),
+    ))
 }
 
 impl AsyncRead for VsockStream {
@@ -88,5 +149,105 @@ impl AsyncWrite for VsockStream {
             VsockStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             VsockStream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A hybrid vsock backend that reads the CONNECT line and then does
+    /// whatever `then` says with the connection.
+    async fn backend<F, Fut>(
+        then: F,
+    ) -> (
+        tempfile::TempDir,
+        VsockConnector,
+        tokio::task::JoinHandle<()>,
+    )
+    where
+        F: FnOnce(UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut line = Vec::new();
+            BufReader::with_capacity(1, &mut s)
+                .read_until(b'\n', &mut line)
+                .await
+                .unwrap();
+            assert_eq!(line, b"CONNECT 1024\n");
+            then(s).await;
+        });
+        (dir, VsockConnector::Hybrid { uds }, task)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_answers_times_out() {
+        let (_dir, vsock, peer) = backend(|s| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        })
+        .await;
+        let t0 = std::time::Instant::now();
+        let err = vsock
+            .connect_timeout(1024, Duration::from_millis(200))
+            .await
+            .err()
+            .unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let msg = err.to_string();
+        assert!(msg.contains("1024") && msg.contains("200ms"), "{msg}");
+        peer.abort();
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_garbage_forever_is_cut_off() {
+        let (_dir, vsock, peer) = backend(|mut s| async move {
+            let junk = [b'O'; 4096];
+            // Until the client hangs up.
+            while s.write_all(&junk).await.is_ok() {}
+        })
+        .await;
+        let err = vsock.connect(1024).await.err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("port 1024"), "{err}");
+        peer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn answers_are_parsed_strictly() {
+        for (answer, kind) in [
+            (&b"OK nope\n"[..], io::ErrorKind::InvalidData),
+            (b"ERR\n", io::ErrorKind::InvalidData),
+            (b"OK 12", io::ErrorKind::ConnectionRefused),
+            (b"", io::ErrorKind::ConnectionRefused),
+        ] {
+            let (_dir, vsock, peer) = backend(move |mut s| async move {
+                s.write_all(answer).await.unwrap();
+            })
+            .await;
+            let err = vsock.connect(1024).await.err().unwrap();
+            assert_eq!(err.kind(), kind, "{answer:?}: {err}");
+            peer.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_answer_belong_to_the_caller() {
+        let (_dir, vsock, peer) = backend(|mut s| async move {
+            s.write_all(b"OK 4321\nhello").await.unwrap();
+        })
+        .await;
+        let mut stream = vsock.connect(1024).await.unwrap();
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "hello");
+        peer.await.unwrap();
     }
 }

@@ -57,8 +57,8 @@ fn run(args: &[String]) -> Result<i32, String> {
             let container = builder
                 .as_init(PathBuf::from(path))
                 .with_systemd(false)
-                // The guest root is the initramfs, which pivot_root(2) cannot leave.
-                .with_no_pivot(true)
+                // pivot_root(2), libcontainer's default: init has moved the
+                // guest off the initramfs (see `switch_root`), so it works.
                 .with_detach(true)
                 .build()
                 .map_err(|e| format!("create container {id}: {e}"))?;

@@ -1,26 +1,58 @@
-//! Guest init: pseudo filesystems, cgroups, modules.
+//! Guest init: the switch off the initramfs, pseudo filesystems, cgroups,
+//! modules.
 
 use std::path::Path;
 
-use anyhow::Context;
 use nix::mount::{mount, MsFlags};
+
+use crate::switch_root::{self, SwitchRootError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("create {target}")]
+    CreateDir {
+        target: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("switch the root off the initramfs")]
+    SwitchRoot(#[from] SwitchRootError),
+}
 
 fn mnt(
     src: &str,
-    target: &str,
-    fstype: &str,
+    target: &'static str,
+    fstype: &'static str,
     flags: MsFlags,
     data: Option<&str>,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(target).with_context(|| format!("create {target}"))?;
-    mount(Some(src), target, Some(fstype), flags, data)
-        .with_context(|| format!("mount {fstype} on {target}"))
+) -> Result<(), InitError> {
+    std::fs::create_dir_all(target).map_err(|source| InitError::CreateDir { target, source })?;
+    mount(Some(src), target, Some(fstype), flags, data).map_err(|source| InitError::Mount {
+        fstype,
+        target,
+        source,
+    })
 }
 
-/// Mounts what a Linux userland and libcontainer expect, then loads modules.
-pub fn setup() -> anyhow::Result<()> {
+/// Loads modules, leaves the initramfs for a tmpfs root (see
+/// [`crate::switch_root`]), then mounts what a Linux userland and
+/// libcontainer expect.
+pub fn setup() -> Result<(), InitError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mnt("proc", "/proc", "proc", nosuid, None)?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    crate::modules::load_listed(Path::new(crate::modules::ORDER_FILE), &cmdline);
+    if switch_root::is_initramfs()? {
+        // The modules are loaded: leave them behind, to be freed.
+        switch_root::switch(&[Path::new(crate::modules::DIR)])?;
+    }
     mnt("sysfs", "/sys", "sysfs", nosuid, None)?;
     mnt(
         "devtmpfs",
@@ -64,8 +96,6 @@ pub fn setup() -> anyhow::Result<()> {
     let _ = std::os::unix::fs::symlink("/proc/self/fd/1", "/dev/stdout");
     let _ = std::os::unix::fs::symlink("/proc/self/fd/2", "/dev/stderr");
     let _ = std::os::unix::fs::symlink("/dev/pts/ptmx", "/dev/ptmx");
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    crate::modules::load_listed(Path::new(crate::modules::ORDER_FILE), &cmdline);
     let _ = nix::unistd::sethostname("cocoon");
     Ok(())
 }
@@ -80,6 +110,21 @@ fn enable_cgroup_controllers(root: &Path) {
     if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), wanted.join(" ")) {
         tracing::warn!("enable cgroup controllers {wanted:?}: {e}");
     }
+}
+
+/// Milliseconds since the kernel started (0 if unknown): boot-time figures
+/// in the log.
+pub fn uptime_ms() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the pointer, which is
+    // valid for the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000
 }
 
 /// Flushes and powers the VM off. QEMU runs with `-no-reboot`, so a reboot

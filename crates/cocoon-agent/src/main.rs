@@ -1,17 +1,21 @@
 //! `cocoon-agent`: PID 1 of the pod VM.
 //!
-//! As init it mounts the pseudo filesystems, loads the kernel modules the
-//! image lists, reaps every child, and serves the agent protocol on vsock.
+//! As init it leaves the initramfs for a tmpfs root (so that containers are
+//! entered with pivot_root), mounts the pseudo filesystems, loads the
+//! kernel modules the image lists, reaps every child, and serves the agent
+//! protocol on vsock.
 //! Containers are created by re-running this binary as a short-lived,
 //! single-threaded helper (`cocoon-agent helper ...`): libcontainer clones
 //! processes, which is only sound from a single-threaded process.
 
 mod helper;
 mod init;
+mod launcher;
 mod modules;
 mod reaper;
 mod service;
 mod stdio;
+mod switch_root;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -43,5 +47,6 @@ fn run() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(service::serve())
+    rt.block_on(service::serve())?;
+    Ok(())
 }

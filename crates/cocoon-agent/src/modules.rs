@@ -5,6 +5,9 @@
 use std::ffi::CString;
 use std::path::Path;
 
+/// Where the image keeps the modules (and their list).
+pub const DIR: &str = "/lib/modules";
+
 /// The image's list of modules, one path per line, in load order.
 pub const ORDER_FILE: &str = "/lib/modules/cocoon.load";
 

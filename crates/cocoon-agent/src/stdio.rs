@@ -11,9 +11,28 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use cocoon_protocols::{StreamHeader, StreamKind};
+use cocoon_protocols::{Id, StreamHeader, StreamKind};
 use nix::fcntl::OFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a new stream connection may take to name its stream.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a stream header line, newline excluded, of at most
+/// [`StreamHeader::MAX_LEN`] bytes.
+async fn read_header(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    loop {
+        let b = conn.read_u8().await?;
+        if b == b'\n' {
+            return Ok(line);
+        }
+        line.push(b);
+        if line.len() >= StreamHeader::MAX_LEN {
+            return Err(std::io::Error::other("stream header too long"));
+        }
+    }
+}
 
 /// The agent's ends of one process's stdio.
 #[derive(Default)]
@@ -116,7 +135,8 @@ impl Drop for ConsoleSocket {
     }
 }
 
-type Key = (String, String);
+/// A process: its container, and its exec id (`None` for the init).
+type Key = (Id, Option<Id>);
 
 /// Agent-side stdio ends waiting for their streams.
 #[derive(Clone, Default)]
@@ -125,11 +145,11 @@ pub struct StdioTable {
 }
 
 impl StdioTable {
-    pub fn insert(&self, container_id: &str, exec_id: &str, ends: HostEnds) {
+    pub fn insert(&self, container_id: Id, exec_id: Option<Id>, ends: HostEnds) {
         self.inner
             .lock()
             .unwrap()
-            .insert((container_id.into(), exec_id.into()), ends);
+            .insert((container_id, exec_id), ends);
     }
 
     fn take(&self, h: &StreamHeader) -> Option<File> {
@@ -143,19 +163,19 @@ impl StdioTable {
     }
 
     /// Closes a process's stdin if no stream has taken it.
-    pub fn close_stdin(&self, container_id: &str, exec_id: &str) {
+    pub fn close_stdin(&self, container_id: &Id, exec_id: Option<&Id>) {
         if let Some(e) = self
             .inner
             .lock()
             .unwrap()
-            .get_mut(&(container_id.into(), exec_id.into()))
+            .get_mut(&(container_id.clone(), exec_id.cloned()))
         {
             e.stdin = None;
         }
     }
 
     /// Forgets every process of a container.
-    pub fn remove_container(&self, container_id: &str) {
+    pub fn remove_container(&self, container_id: &Id) {
         self.inner
             .lock()
             .unwrap()
@@ -178,17 +198,9 @@ impl StdioTable {
     }
 
     async fn attach(&self, mut conn: tokio_vsock::VsockStream) -> std::io::Result<()> {
-        let mut line = Vec::new();
-        loop {
-            let b = conn.read_u8().await?;
-            if b == b'\n' {
-                break;
-            }
-            line.push(b);
-            if line.len() > 512 {
-                return Err(std::io::Error::other("stream header too long"));
-            }
-        }
+        let line = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut conn))
+            .await
+            .map_err(|_| std::io::Error::other("no stream header within 10s"))??;
         let text = String::from_utf8_lossy(&line).into_owned();
         let header = StreamHeader::decode(&text)
             .ok_or_else(|| std::io::Error::other(format!("bad stream header {text:?}")))?;
@@ -218,5 +230,56 @@ impl StdioTable {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn headers_are_bounded() {
+        let h = StreamHeader {
+            kind: StreamKind::Stdout,
+            container_id: Id::container(&"c".repeat(Id::MAX_LEN)).unwrap(),
+            exec_id: Some(Id::exec(&"e".repeat(Id::MAX_LEN)).unwrap()),
+        };
+        let longest = h.encode();
+        let line = read_header(&mut longest.as_bytes()).await.unwrap();
+        assert_eq!(
+            StreamHeader::decode(&String::from_utf8(line).unwrap()),
+            Some(h)
+        );
+        let endless = vec![b'a'; 10 * StreamHeader::MAX_LEN];
+        assert!(read_header(&mut &endless[..]).await.is_err());
+    }
+
+    #[test]
+    fn streams_are_found_by_process() {
+        let t = StdioTable::default();
+        let c1 = Id::container("c1").unwrap();
+        let e1 = Id::exec("e1").unwrap();
+        let made = pipes().unwrap();
+        t.insert(c1.clone(), Some(e1.clone()), made.host);
+        let header = |kind, exec_id| StreamHeader {
+            kind,
+            container_id: c1.clone(),
+            exec_id,
+        };
+        assert!(t.take(&header(StreamKind::Stdout, None)).is_none());
+        assert!(t
+            .take(&header(StreamKind::Stdout, Some(e1.clone())))
+            .is_some());
+        assert!(
+            t.take(&header(StreamKind::Stdout, Some(e1.clone())))
+                .is_none(),
+            "taken twice"
+        );
+        t.close_stdin(&c1, Some(&e1));
+        assert!(t
+            .take(&header(StreamKind::Stdin, Some(e1.clone())))
+            .is_none());
+        t.remove_container(&c1);
+        assert!(t.take(&header(StreamKind::Stderr, Some(e1))).is_none());
     }
 }

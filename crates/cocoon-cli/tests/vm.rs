@@ -411,3 +411,76 @@ fn killed_cocoon_run_leaves_nothing_after_the_next_run() {
     let o = w.run(&["true"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn container_root_is_pivoted_and_the_guest_root_is_out_of_reach() {
+    // The agent enters every container with pivot_root(2), which fails on
+    // an initramfs root: that this container runs at all shows that the
+    // guest switched to its tmpfs root. (From inside an unprivileged
+    // container, pivot_root and a chroot look alike; what pivot_root adds,
+    // the guest's mounts detached from the container's namespace, is
+    // probed by guest root in cocoon-runtime's hostile tests.) Inside, the
+    // root is the container's own rootfs, and neither a `..` walk nor a
+    // path reaches the guest's files or mounts.
+    let w = World::new("");
+    let script = "cat /proc/self/mountinfo; echo ---; cd /../../..; echo *; echo ---; \
+                  for p in /init /lib/modules /run/cocoon; do [ -e $p ] && echo reached $p; done; \
+                  echo done";
+    let o = w.run(&["sh", "-c", script]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let parts: Vec<&str> = out.split("---\n").collect();
+    assert_eq!(parts.len(), 3, "{out}");
+    let mounts: Vec<(&str, &str)> = parts[0]
+        .lines()
+        .filter_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            Some((mount.split(' ').nth(4)?, fs.split(' ').next()?))
+        })
+        .collect();
+    let roots: Vec<_> = mounts.iter().filter(|(at, _)| *at == "/").collect();
+    assert_eq!(
+        roots,
+        [&("/", "virtiofs")],
+        "the root is not the container's rootfs alone:\n{}",
+        parts[0]
+    );
+    assert!(
+        mounts
+            .iter()
+            .all(|(at, fs)| *fs != "rootfs" && !at.starts_with("/run")),
+        "a guest mount is in view:\n{}",
+        parts[0]
+    );
+    assert_eq!(
+        parts[1].trim(),
+        "bin dev etc proc root sys tmp",
+        "`cd /../../..` left the rootfs"
+    );
+    assert_eq!(parts[2], "done\n", "the guest root is in reach");
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
+fn a_helper_error_longer_than_a_pipe_is_reported() {
+    // libcontainer names the missing executable in its error: 100 KB of
+    // it fill the helper's stderr pipe, which the agent must drain while
+    // it waits for the pid on stdout (it used to hang until the host's
+    // call deadline).
+    let w = World::new("");
+    let name = "x".repeat(100_000);
+    let o = w.run(&[name.as_str()]);
+    assert_eq!(o.status.code(), Some(125), "stderr: {:.300}", stderr(&o));
+    let msg = stderr(&o);
+    assert!(
+        msg.trim_end().contains("not found in $PATH"),
+        "...{}",
+        &msg[msg.len().saturating_sub(300)..]
+    );
+    assert!(
+        msg.len() < 100 * 1024,
+        "the error is not bounded: {} bytes",
+        msg.len()
+    );
+}

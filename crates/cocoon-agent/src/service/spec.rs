@@ -1,0 +1,236 @@
+//! What the agent changes in the OCI spec the host sends, as one pure
+//! function, each rule tested alone:
+//!
+//! - `root.path` names a directory of the shared directory: it is joined
+//!   onto the share's mount point in the guest (a leading `/` is ignored;
+//!   `..`, or naming the share itself, is refused);
+//! - `process.terminal` is the request's `terminal`;
+//! - `linux.cgroupsPath` is `<cgroup parent>/<container id>`, whatever the
+//!   host asked: the guest's cgroup tree is the agent's;
+//! - a cgroup namespace is added if missing, so that the container sees its
+//!   own cgroup at `/sys/fs/cgroup`;
+//! - a `cgroup` (v1) mount becomes a `cgroup2` mount: a spec written for a
+//!   cgroup v1 host asks for one, and the guest has only the v2 hierarchy.
+
+use std::path::{Component, Path};
+
+use cocoon_protocols::{Error, Id};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
+
+/// Where the rewritten spec puts things in the guest.
+pub struct Placement<'a> {
+    /// The shared directory's mount point.
+    pub share_dir: &'a Path,
+    /// The cgroup under which every container's cgroup is made.
+    pub cgroup_parent: &'a Path,
+}
+
+/// The spec container `id` runs with, from the one the host sent.
+pub fn rewrite(mut spec: Spec, id: &Id, terminal: bool, at: &Placement) -> Result<Spec, Error> {
+    let mut root = spec
+        .root()
+        .clone()
+        .ok_or_else(|| Error::InvalidArgument(format!("OCI spec of container {id} has no root")))?;
+    let rel = root.path().strip_prefix("/").unwrap_or(root.path());
+    let names_a_subdirectory = rel
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && rel.components().any(|c| matches!(c, Component::Normal(_)));
+    if !names_a_subdirectory {
+        return Err(Error::InvalidArgument(format!(
+            "root path {} of container {id} must name a directory under the shared directory",
+            root.path().display()
+        )));
+    }
+    let rel: std::path::PathBuf = rel
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    root.set_path(at.share_dir.join(rel));
+    spec.set_root(Some(root));
+
+    if let Some(mut p) = spec.process().clone() {
+        p.set_terminal(Some(terminal));
+        spec.set_process(Some(p));
+    }
+
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_cgroups_path(Some(at.cgroup_parent.join(id.as_str())));
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    if !namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+    {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(LinuxNamespaceType::Cgroup);
+        namespaces.push(ns);
+    }
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+
+    if let Some(mounts) = spec.mounts().clone() {
+        let mounts = mounts
+            .into_iter()
+            .map(|mut m| {
+                if m.typ().as_deref() == Some("cgroup") {
+                    m.set_typ(Some("cgroup2".into()));
+                    m.set_source(Some("cgroup2".into()));
+                }
+                m
+            })
+            .collect();
+        spec.set_mounts(Some(mounts));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{Mount, Root};
+    use std::path::PathBuf;
+
+    fn at() -> Placement<'static> {
+        Placement {
+            share_dir: Path::new("/run/cocoon/shared"),
+            cgroup_parent: Path::new("/cocoon"),
+        }
+    }
+
+    fn id() -> Id {
+        Id::container("c1").unwrap()
+    }
+
+    fn with_root(path: &str) -> Spec {
+        let mut spec = Spec::default();
+        let mut root = Root::default();
+        root.set_path(path.into());
+        spec.set_root(Some(root));
+        spec
+    }
+
+    fn root_of(spec: &Spec) -> PathBuf {
+        spec.root().as_ref().unwrap().path().clone()
+    }
+
+    #[test]
+    fn root_is_joined_onto_the_share() {
+        for path in ["c1/rootfs", "/c1/rootfs", "./c1/rootfs"] {
+            let spec = rewrite(with_root(path), &id(), false, &at()).unwrap();
+            assert_eq!(root_of(&spec), Path::new("/run/cocoon/shared/c1/rootfs"));
+        }
+    }
+
+    #[test]
+    fn a_root_outside_the_share_is_refused() {
+        for path in ["", "/", ".", "../etc", "c1/../../etc"] {
+            let e = rewrite(with_root(path), &id(), false, &at()).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{path:?}: {e:?}");
+        }
+        let mut spec = with_root("c1");
+        spec.set_root(None);
+        let e = rewrite(spec, &id(), false, &at()).unwrap_err();
+        assert_eq!(
+            e,
+            Error::InvalidArgument("OCI spec of container c1 has no root".into())
+        );
+    }
+
+    #[test]
+    fn terminal_is_the_requests() {
+        for terminal in [true, false] {
+            let mut spec = with_root("c1");
+            let mut p = spec.process().clone().unwrap();
+            p.set_terminal(Some(!terminal));
+            spec.set_process(Some(p));
+            let spec = rewrite(spec, &id(), terminal, &at()).unwrap();
+            assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(terminal));
+        }
+        let mut spec = with_root("c1");
+        spec.set_process(None);
+        let spec = rewrite(spec, &id(), true, &at()).unwrap();
+        assert!(spec.process().is_none(), "a process was made up");
+    }
+
+    #[test]
+    fn cgroup_path_is_under_the_parent_whatever_was_asked() {
+        let mut spec = with_root("c1");
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_cgroups_path(Some("/kubepods/burstable/pod1/c1".into()));
+        spec.set_linux(Some(linux));
+        let spec = rewrite(spec, &id(), false, &at()).unwrap();
+        assert_eq!(
+            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
+            Some(Path::new("/cocoon/c1"))
+        );
+        let mut spec = with_root("c1");
+        spec.set_linux(None);
+        let spec = rewrite(spec, &id(), false, &at()).unwrap();
+        assert_eq!(
+            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
+            Some(Path::new("/cocoon/c1"))
+        );
+    }
+
+    fn cgroup_namespaces(spec: &Spec) -> usize {
+        spec.linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|n| n.typ() == LinuxNamespaceType::Cgroup)
+            .count()
+    }
+
+    #[test]
+    fn a_cgroup_namespace_is_added_once() {
+        let spec = rewrite(with_root("c1"), &id(), false, &at()).unwrap();
+        assert_eq!(cgroup_namespaces(&spec), 1);
+        let others = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert!(others.len() > 1, "the default namespaces were dropped");
+        let again = rewrite(spec, &id(), false, &at()).unwrap();
+        assert_eq!(cgroup_namespaces(&again), 1);
+    }
+
+    #[test]
+    fn v1_cgroup_mounts_become_cgroup2() {
+        let mut spec = with_root("c1");
+        let mut v1 = Mount::default();
+        v1.set_destination("/host/cgroup".into());
+        v1.set_typ(Some("cgroup".into()));
+        v1.set_source(Some("cgroup".into()));
+        v1.set_options(Some(vec!["ro".into(), "nosuid".into()]));
+        // The default spec's own mounts, v1 cgroup mount included.
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        assert!(mounts.iter().any(|m| m.typ().as_deref() == Some("cgroup")));
+        let before: Vec<_> = mounts
+            .iter()
+            .filter(|m| m.typ().as_deref() != Some("cgroup"))
+            .cloned()
+            .collect();
+        mounts.push(v1);
+        spec.set_mounts(Some(mounts));
+        let spec = rewrite(spec, &id(), false, &at()).unwrap();
+        let mounts = spec.mounts().as_ref().unwrap();
+        let m = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new("/host/cgroup"))
+            .unwrap();
+        assert_eq!(m.typ().as_deref(), Some("cgroup2"));
+        assert_eq!(m.source().as_deref(), Some(Path::new("cgroup2")));
+        assert_eq!(
+            m.options().as_deref(),
+            Some(&["ro".to_string(), "nosuid".to_string()][..])
+        );
+        assert!(mounts.iter().all(|m| m.typ().as_deref() != Some("cgroup")));
+        // Every other mount is untouched.
+        let others: Vec<_> = mounts
+            .iter()
+            .filter(|m| m.typ().as_deref() != Some("cgroup2"))
+            .cloned()
+            .collect();
+        assert_eq!(others, before);
+    }
+}

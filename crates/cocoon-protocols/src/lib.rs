@@ -1,5 +1,12 @@
 //! The agent protocol: generated from `proto/agent.proto` (ttrpc-codegen, no
-//! protoc), plus the constants both sides agree on.
+//! protoc), plus what both sides agree on: constants, the stream header,
+//! the validated [`Id`] and the [`Error`] whose variants are gRPC codes.
+
+pub mod error;
+pub mod id;
+
+pub use error::Error;
+pub use id::{Id, IdKind, InvalidId};
 
 /// Generated message types.
 #[allow(
@@ -66,18 +73,21 @@ impl StreamKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
     pub kind: StreamKind,
-    pub container_id: String,
-    /// Empty for the container's init process.
-    pub exec_id: String,
+    pub container_id: Id,
+    /// `None` for the container's init process.
+    pub exec_id: Option<Id>,
 }
 
 impl StreamHeader {
+    /// The longest header line, newline included.
+    pub const MAX_LEN: usize = 8 + 2 * (Id::MAX_LEN + 1);
+
     pub fn encode(&self) -> String {
         format!(
             "{} {} {}\n",
             self.kind.as_str(),
             self.container_id,
-            self.exec_id
+            self.exec_id.as_ref().map_or("", |e| e.as_str())
         )
     }
 
@@ -89,8 +99,8 @@ impl StreamHeader {
             "stderr" => StreamKind::Stderr,
             _ => return None,
         };
-        let container_id = it.next().filter(|s| !s.is_empty())?.to_string();
-        let exec_id = it.next().unwrap_or("").to_string();
+        let container_id = Id::container(it.next()?).ok()?;
+        let exec_id = Id::exec_or_init(it.next().unwrap_or("")).ok()?;
         if it.next().is_some() {
             return None;
         }
@@ -108,14 +118,16 @@ mod tests {
 
     #[test]
     fn stream_header_round_trips() {
-        for exec_id in ["", "e1"] {
+        for exec_id in [None, Some(Id::exec("e1").unwrap())] {
             let h = StreamHeader {
                 kind: StreamKind::Stderr,
-                container_id: "c1".into(),
-                exec_id: exec_id.into(),
+                container_id: Id::container("c1").unwrap(),
+                exec_id,
             };
+            assert!(h.encode().len() <= StreamHeader::MAX_LEN);
             assert_eq!(StreamHeader::decode(&h.encode()), Some(h));
         }
+        assert_eq!(StreamHeader::decode("stdout ../x\n"), None);
         assert_eq!(StreamHeader::decode("stdout \n"), None);
         assert_eq!(StreamHeader::decode("tty c1\n"), None);
         assert_eq!(StreamHeader::decode("stdin a b c\n"), None);

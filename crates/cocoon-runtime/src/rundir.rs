@@ -1,157 +1,596 @@
-//! `<state_dir>/<sandbox-id>/`: sockets, logs, pid files, and `shared/`,
-//! the directory virtio-fs exports. `shared/` is a shared-propagation bind
-//! mount of itself, so rootfs bind mounts made under it after virtiofsd has
-//! started still reach virtiofsd's mount namespace.
+//! `<state_dir>/<sandbox-id>/`: one pod's host state, and the part of the
+//! host its guest sees.
+//!
+//! ```text
+//! <state_dir>/          0700 when Cocoon creates it
+//!   <id>/               0700, a private bind of itself: sockets, logs,
+//!                       `*.pid` (0600), `sandbox-id` (0600, the marker)
+//!     mounts/           host side, never exported: a bind of itself, MS_SHARED
+//!       <cid>/          0700, one per container
+//!         rootfs        the container's rootfs (MS_BIND|MS_REC), read-write
+//!         <n>           a volume, file or directory, read-only or read-write
+//!     shared/           a bind of mounts/, MS_SLAVE, read-only: what
+//!                       virtiofsd exports
+//! ```
+//!
+//! This is Kata's mounts/shared model. Root in the guest owns whatever it
+//! can write, so the guest sees the share root (`shared/`, and each
+//! `shared/<cid>/`) read-only: it cannot fill the host's `/run`, nor plant
+//! or swap entries next to its mount points. Each bind made under
+//! `mounts/` reaches `shared/` by propagation with its own flags, so a
+//! container's rootfs stays writable and a read-only volume stays
+//! read-only (see [`bind`]). Teardown works from `mounts/` and the
+//! directory descriptors of [`safe_fs`], never from a path the guest could
+//! have changed (Kata's CVE-2020-2024: a guest swapped its rootfs mount
+//! point for a symlink and the runtime unmounted a host mount), and never
+//! removes anything below a mount point.
+//!
+//! `<id>/` is made a private mount of its own so that nothing mounted in
+//! it propagates out: on hosts where `/run` is a shared mount (systemd),
+//! every rootfs bind would otherwise be copied into each peer of `/run`,
+//! and pin the rootfs there.
 
+mod bind;
+mod mountinfo;
+mod safe_fs;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use cocoon_protocols::Id;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{fchmod, Mode};
+use nix::unistd::Pid;
+
+use safe_fs::{errno, open_beneath, proc_path, Cross, Leftover};
 
 use crate::{Error, Result};
 
-pub struct RunDir {
-    id: String,
-    path: PathBuf,
-    shared: PathBuf,
-    shared_mounted: bool,
-    rootfs: BTreeMap<String, PathBuf>,
+/// Whether the guest may write to a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
 }
 
-fn io(e: nix::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e as i32)
+/// The name of a share in its container's directory: Cocoon's own, never
+/// the caller's, so it can neither escape the directory nor collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ShareName {
+    /// `rootfs`
+    Rootfs,
+    /// `<n>`: the container's n-th host bind mount.
+    Volume(u32),
+}
+
+impl fmt::Display for ShareName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShareName::Rootfs => f.write_str("rootfs"),
+            ShareName::Volume(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Marks a directory as a sandbox's and names it: [`cleanup_dead`]
+/// removes nothing that lacks it.
+const MARKER: &str = "sandbox-id";
+const MOUNTS: &str = "mounts";
+const SHARED: &str = "shared";
+
+/// A sandbox's state directory, laid out and mounted as above. Dropping
+/// it unmounts and removes everything (see [`RunDir::remove`]).
+pub struct RunDir {
+    id: Id,
+    path: PathBuf,
+    shared: PathBuf,
+    /// `<state_dir>`: where `<id>` is removed from.
+    state: OwnedFd,
+    /// `<id>/`, the root of its private bind.
+    dir: OwnedFd,
+    /// The root of the `mounts/` bind, once made.
+    mounts: Option<OwnedFd>,
+    /// The root of the `shared/` bind, once made (`O_PATH`).
+    shared_root: Option<OwnedFd>,
+    api: bind::Api,
+    removed: bool,
+}
+
+/// An error of sandbox `id` about `path`.
+fn host(id: &Id, action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+    let (id, path) = (id.to_string(), path.to_path_buf());
+    move |source| Error::Host {
+        id,
+        action,
+        path,
+        source,
+    }
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
 }
 
 impl RunDir {
-    pub fn create(id: &str, state_dir: &Path) -> Result<Self> {
+    /// Creates and mounts `<state_dir>/<id>/`. It must not exist: state
+    /// left by an owner that died is [`cleanup_dead`]'s to remove.
+    pub fn create(state_dir: &Path, id: &Id) -> Result<Self> {
+        let state = open_state_dir(state_dir).map_err(host(id, "create", state_dir))?;
         let path = state_dir.join(id);
-        let host = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Host {
-                id: id.into(),
-                action,
-                path,
-                source,
+        let under =
+            safe_fs::mkdir_private(state.as_fd(), os(id)).map_err(host(id, "create", &path))?;
+        let bound = self_bind(under.as_fd(), || {
+            open_beneath(
+                state.as_fd(),
+                id,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Cross::Mounts,
+            )
+        });
+        let dir = match bound {
+            Ok(dir) => dir,
+            Err(e) => {
+                report(id, &teardown(state.as_fd(), id, &path));
+                return Err(host(id, "bind-mount", &path)(e));
             }
         };
-        std::fs::create_dir_all(state_dir).map_err(host("create", state_dir))?;
-        std::fs::create_dir(&path).map_err(host("create", &path))?;
-        let mut dir = Self {
-            id: id.into(),
-            shared: path.join("shared"),
+        let mut run = Self {
+            id: id.clone(),
+            shared: path.join(SHARED),
             path,
-            shared_mounted: false,
-            rootfs: BTreeMap::new(),
+            state,
+            dir,
+            mounts: None,
+            shared_root: None,
+            api: bind::Api::Auto,
+            removed: false,
         };
-        std::fs::create_dir(&dir.shared).map_err(host("create", &dir.shared))?;
-        mount(
-            Some(&dir.shared),
-            &dir.shared,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| host("bind-mount", &dir.shared)(io(e)))?;
-        dir.shared_mounted = true;
-        mount(
-            None::<&str>,
-            &dir.shared,
-            None::<&str>,
-            MsFlags::MS_SHARED,
-            None::<&str>,
-        )
-        .map_err(|e| host("make shared", &dir.shared)(io(e)))?;
-        Ok(dir)
+        // From here on, dropping `run` undoes whatever was made.
+        run.lay_out()?;
+        Ok(run)
     }
 
+    fn lay_out(&mut self) -> Result<()> {
+        let err = |action, name: &str| host(&self.id, action, &self.path.join(name));
+        let dir = self.dir.as_fd();
+        mount_propagation(dir, MsFlags::MS_PRIVATE).map_err(err("make private", ""))?;
+        let mut marker =
+            safe_fs::create_private_file(dir, os(MARKER), true).map_err(err("create", MARKER))?;
+        marker
+            .write_all(self.id.as_bytes())
+            .map_err(err("write", MARKER))?;
+
+        // mounts/: a bind of itself, shared in a peer group of its own.
+        let under = safe_fs::mkdir_private(dir, os(MOUNTS)).map_err(err("create", MOUNTS))?;
+        let mounts = self_bind(under.as_fd(), || {
+            open_beneath(
+                dir,
+                MOUNTS,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Cross::Mounts,
+            )
+        })
+        .map_err(err("bind-mount", MOUNTS))?;
+        mount_propagation(mounts.as_fd(), MsFlags::MS_SHARED)
+            .map_err(err("make shared", MOUNTS))?;
+
+        // shared/: receives what is mounted under mounts/, sends nothing
+        // back, and is read-only at its root.
+        let under = safe_fs::mkdir_private(dir, os(SHARED)).map_err(err("create", SHARED))?;
+        let none = None::<&Path>;
+        mount(
+            Some(&proc_path(mounts.as_fd())),
+            &proc_path(under.as_fd()),
+            none,
+            MsFlags::MS_BIND,
+            none,
+        )
+        .map_err(|e| err("bind-mount", SHARED)(errno(e)))?;
+        self.mounts = Some(mounts);
+        let shared = open_beneath(
+            dir,
+            SHARED,
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+            Cross::Mounts,
+        )
+        .map_err(err("open", SHARED))?;
+        mount_propagation(shared.as_fd(), MsFlags::MS_SLAVE).map_err(err("make slave", SHARED))?;
+        mount(
+            none,
+            &proc_path(shared.as_fd()),
+            none,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            none,
+        )
+        .map_err(|e| err("remount read-only", SHARED)(errno(e)))?;
+        self.shared_root = Some(shared);
+        Ok(())
+    }
+
+    pub fn id(&self) -> &Id {
+        &self.id
+    }
+
+    /// `<state_dir>/<id>`.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// `<state_dir>/<id>/shared`: the directory virtiofsd exports.
     pub fn shared(&self) -> &Path {
         &self.shared
     }
 
-    /// Records a pid for the `delete` cleanup path of a shim that died.
-    pub fn record_pid(&self, name: &str, pid: u32) {
-        let _ = std::fs::write(self.path.join(format!("{name}.pid")), pid.to_string());
-    }
-
-    pub fn bind_rootfs(&mut self, container_id: &str, rootfs: &Path) -> Result<String> {
-        let rel = format!("{container_id}/rootfs");
-        let target = self.shared.join(&rel);
-        let err = |action, path: &Path| {
-            let (id, path) = (self.id.clone(), path.to_path_buf());
-            move |source| Error::Host {
-                id,
-                action,
-                path,
-                source,
-            }
-        };
-        if !rootfs.is_dir() {
-            return Err(err("use as rootfs", rootfs)(std::io::Error::from(
-                std::io::ErrorKind::NotADirectory,
+    /// Records the pid of a process of this sandbox in `<name>.pid`, for
+    /// the cleanup of an owner that died ([`cleanup_dead`]). `name` is a
+    /// plain word (`qemu`, `virtiofsd`).
+    pub fn record_pid(&self, name: &str, pid: u32) -> Result<()> {
+        let file = format!("{name}.pid");
+        let err = host(&self.id, "record pid in", &self.path.join(&file));
+        if !is_word(name) {
+            return Err(err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a plain process name",
             )));
         }
-        std::fs::create_dir_all(&target).map_err(err("create", &target))?;
-        mount(
-            Some(rootfs),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| err("bind-mount", rootfs)(io(e)))?;
-        self.rootfs.insert(container_id.into(), target);
+        safe_fs::create_private_file(self.dir.as_fd(), os(&file), false)
+            .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
+            .map_err(err)
+    }
+
+    /// Shares host path `source` (a file or a directory, and everything
+    /// mounted below it) with the guest as `<cid>/<name>`, read-only or
+    /// read-write; returns that path, relative to the guest's share.
+    /// `source` is the caller's (from the bundle or the spec), so symlinks
+    /// in it are followed; what gets mounted is what was opened.
+    pub fn share(
+        &mut self,
+        cid: &Id,
+        name: ShareName,
+        source: &Path,
+        access: Access,
+    ) -> Result<String> {
+        let src =
+            safe_fs::open_host(source, OFlag::O_PATH).map_err(host(&self.id, "open", source))?;
+        self.share_fd(cid, name, src, access)
+    }
+
+    /// Shares directory `rootfs` read-write as the root filesystem of
+    /// `cid`; returns `<cid>/rootfs`, relative to the guest's share.
+    pub fn share_rootfs(&mut self, cid: &Id, rootfs: &Path) -> Result<String> {
+        let src = safe_fs::open_host(rootfs, OFlag::O_PATH | OFlag::O_DIRECTORY).map_err(host(
+            &self.id,
+            "open as a rootfs",
+            rootfs,
+        ))?;
+        self.share_fd(cid, ShareName::Rootfs, src, Access::ReadWrite)
+    }
+
+    fn share_fd(
+        &mut self,
+        cid: &Id,
+        name: ShareName,
+        src: OwnedFd,
+        access: Access,
+    ) -> Result<String> {
+        let rel = format!("{cid}/{name}");
+        let shown = self.path.join(MOUNTS).join(&rel);
+        let err = |action| host(&self.id, action, &shown);
+        let (Some(mounts), Some(shared)) = (&self.mounts, &self.shared_root) else {
+            return Err(err("share")(io::Error::from(io::ErrorKind::NotConnected)));
+        };
+        let is_dir =
+            safe_fs::is_type(&src, nix::sys::stat::SFlag::S_IFDIR).map_err(err("inspect"))?;
+        let cdir = match open_beneath(
+            mounts.as_fd(),
+            cid,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Cross::NoMounts,
+        ) {
+            Err(e) if e.raw_os_error() == Some(Errno::ENOENT as i32) => {
+                safe_fs::mkdir_private(mounts.as_fd(), os(cid))
+            }
+            opened => opened,
+        }
+        .map_err(host(&self.id, "create", &self.path.join(MOUNTS).join(cid)))?;
+        let point = name.to_string();
+        // The mount point is of the source's kind: a bind needs both to be
+        // directories or both not.
+        if is_dir {
+            safe_fs::mkdir_private(cdir.as_fd(), os(&point)).map(drop)
+        } else {
+            safe_fs::create_private_file(cdir.as_fd(), os(&point), true).map(drop)
+        }
+        .map_err(err("create"))?;
+        let shared_copy = || open_beneath(shared.as_fd(), &rel, OFlag::O_PATH, Cross::Mounts);
+        if let Err(e) = bind::bind(
+            src.as_fd(),
+            cdir.as_fd(),
+            os(&point),
+            access,
+            self.api,
+            shared_copy,
+        ) {
+            let mut left = Vec::new();
+            safe_fs::remove_entry(cdir.as_fd(), os(&point), &shown, &mut left);
+            report(&self.id, &left);
+            return Err(err("bind-mount")(e));
+        }
+        tracing::debug!(sandbox = %self.id, container = %cid, share = %rel, ?access, "shared");
         Ok(rel)
     }
 
-    pub fn unbind_rootfs(&mut self, container_id: &str) {
-        if let Some(target) = self.rootfs.remove(container_id) {
-            let _ = umount2(&target, MntFlags::MNT_DETACH);
-            let _ = std::fs::remove_dir(&target);
-            let _ = target.parent().map(std::fs::remove_dir);
+    /// Stops sharing everything of container `cid` and removes
+    /// `mounts/<cid>/`. What cannot be undone (an unmount that failed,
+    /// leaving a user's data below it) is left in place, logged, and the
+    /// first of it returned.
+    pub fn unshare_container(&mut self, cid: &Id) -> Result<()> {
+        let Some(mounts) = &self.mounts else {
+            return Ok(());
+        };
+        let shown = self.path.join(MOUNTS).join(cid);
+        let mut left = Vec::new();
+        match open_beneath(
+            mounts.as_fd(),
+            cid,
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+            Cross::NoMounts,
+        ) {
+            Err(e) if e.raw_os_error() == Some(Errno::ENOENT as i32) => return Ok(()),
+            // Not a directory (a symlink, say): nothing is mounted on it;
+            // it is unlinked below, never followed.
+            Err(e) => tracing::warn!(sandbox = %self.id, "unexpected {}: {e}", shown.display()),
+            // The propagated copies under shared/ go with these.
+            Ok(cdir) => unmount_below(
+                cdir.as_fd(),
+                &shown,
+                |rel| mountinfo::depth(rel) == 1,
+                &mut left,
+            ),
         }
+        safe_fs::remove_entry(mounts.as_fd(), os(cid), &shown, &mut left);
+        into_result(&self.id, left)
+    }
+
+    /// Unmounts everything and removes the directory; what could not be
+    /// undone is left in place, logged, and the first of it returned.
+    pub fn remove(mut self) -> Result<()> {
+        let left = self.teardown();
+        into_result(&self.id, left)
+    }
+
+    fn teardown(&mut self) -> Vec<Leftover> {
+        self.removed = true;
+        self.mounts = None;
+        self.shared_root = None;
+        teardown(self.state.as_fd(), &self.id, &self.path)
+    }
+
+    /// Makes shares with `mount(2)` and remounts, as on kernels before 5.12.
+    #[cfg(test)]
+    fn use_legacy_binds(&mut self) {
+        self.api = bind::Api::Legacy;
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let ids: Vec<String> = self.rootfs.keys().cloned().collect();
-        for id in ids {
-            self.unbind_rootfs(&id);
+        if !self.removed {
+            let left = self.teardown();
+            report(&self.id, &left);
         }
-        if self.shared_mounted {
-            let _ = umount2(&self.shared, MntFlags::MNT_DETACH);
-        }
-        remove_no_follow(&self.path);
     }
 }
 
-/// Removes what Cocoon made under `dir`, never recursing into a directory
-/// under `shared/` that is not empty: if an unmount failed there, the
-/// directory is still a user's rootfs, and is left alone (and reported).
-fn remove_no_follow(dir: &Path) {
-    let shared = dir.join("shared");
-    if let Ok(entries) = std::fs::read_dir(&shared) {
-        for e in entries.flatten() {
-            let rootfs = e.path().join("rootfs");
-            let _ = std::fs::remove_dir(&rootfs);
-            let _ = std::fs::remove_dir(e.path());
+/// Opens `state_dir`, creating it 0700 (whatever the umask) if missing.
+/// An existing directory keeps its mode: it may be a path the host
+/// administrator shares with other uses.
+fn open_state_dir(state_dir: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+    match safe_fs::open_host(state_dir, flags) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        opened => return opened,
+    }
+    if let Some(parent) = state_dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let created = match nix::unistd::mkdir(state_dir, Mode::S_IRWXU) {
+        Ok(()) => true,
+        Err(Errno::EEXIST) => false,
+        Err(e) => return Err(errno(e)),
+    };
+    let fd = safe_fs::open_host(state_dir, flags)?;
+    if created {
+        fchmod(std::os::fd::AsRawFd::as_raw_fd(&fd), Mode::S_IRWXU).map_err(errno)?;
+    }
+    Ok(fd)
+}
+
+/// Bind-mounts directory `under` on itself; `top` then opens the new
+/// mount's root (the descriptor `under` stays below it).
+fn self_bind(
+    under: BorrowedFd<'_>,
+    top: impl FnOnce() -> io::Result<OwnedFd>,
+) -> io::Result<OwnedFd> {
+    let p = proc_path(under);
+    mount(Some(&p), &p, None::<&Path>, MsFlags::MS_BIND, None::<&Path>).map_err(errno)?;
+    top()
+}
+
+fn mount_propagation(root: BorrowedFd<'_>, flag: MsFlags) -> io::Result<()> {
+    let none = None::<&Path>;
+    mount(none, &proc_path(root), none, flag, none).map_err(errno)
+}
+
+/// Unmounts and removes `<state>/<id>` (shown as `shown`): the binds under
+/// `mounts/<cid>/`, then `shared/` (the guest's copies go with it) and
+/// `mounts/`, then the directory's own bind; then removes the tree without
+/// entering a mount point. Returns what was left.
+fn teardown(state: BorrowedFd<'_>, id: &Id, shown: &Path) -> Vec<Leftover> {
+    let mut left = Vec::new();
+    match open_beneath(state, id, OFlag::O_PATH | OFlag::O_DIRECTORY, Cross::Mounts) {
+        Err(e) if e.raw_os_error() == Some(Errno::ENOENT as i32) => return left,
+        Err(e) => {
+            left.push(Leftover {
+                action: "open",
+                path: shown.to_path_buf(),
+                error: e,
+            });
+            return left;
+        }
+        Ok(dir) => {
+            // Only these depths: every directory above them is Cocoon's and
+            // read-only to the guest. Anything deeper (inside a rootfs) is
+            // detached with its ancestor, never looked up by its path.
+            let ours = |rel: &Path| match mountinfo::depth(rel) {
+                1 => true,
+                3 => rel.starts_with(MOUNTS),
+                _ => false,
+            };
+            unmount_below(dir.as_fd(), shown, ours, &mut left);
         }
     }
-    let _ = std::fs::remove_dir(&shared);
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| !t.is_dir()) {
-                let _ = std::fs::remove_file(e.path());
+    // The directory's own bind, and anything stacked on it.
+    for _ in 0..8 {
+        match safe_fs::unmount(state, os(id)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => break,
+            Err(e) => {
+                left.push(Leftover {
+                    action: "unmount",
+                    path: shown.to_path_buf(),
+                    error: e,
+                });
+                break;
             }
         }
     }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        tracing::warn!("could not remove {}: {e}", dir.display());
+    safe_fs::remove_entry(state, os(id), shown, &mut left);
+    left
+}
+
+/// Unmounts (lazily, deepest first) the mounts below directory `dir` whose
+/// path relative to it `pick` selects, each through its parent's
+/// descriptor; repeats while stacked mounts remain. Those still mounted
+/// at the end are reported.
+fn unmount_below(
+    dir: BorrowedFd<'_>,
+    shown: &Path,
+    pick: impl Fn(&Path) -> bool,
+    left: &mut Vec<Leftover>,
+) {
+    let real = match safe_fs::kernel_path(dir) {
+        Ok(p) => p,
+        Err(error) => {
+            return left.push(Leftover {
+                action: "resolve",
+                path: shown.to_path_buf(),
+                error,
+            })
+        }
+    };
+    let list = |left: &mut Vec<Leftover>| match mountinfo::below(&real) {
+        Ok(mut v) => {
+            v.retain(|rel| pick(rel));
+            v.sort_by_key(|rel| Reverse(mountinfo::depth(rel)));
+            v.dedup();
+            Some(v)
+        }
+        Err(error) => {
+            left.push(Leftover {
+                action: "read mount table for",
+                path: shown.to_path_buf(),
+                error,
+            });
+            None
+        }
+    };
+    let mut failed: BTreeMap<PathBuf, io::Error> = BTreeMap::new();
+    for _ in 0..8 {
+        let Some(mounted) = list(left) else { return };
+        let mut progress = false;
+        for rel in mounted {
+            let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+                continue;
+            };
+            let parent_fd = if parent.as_os_str().is_empty() {
+                None
+            } else {
+                match open_beneath(
+                    dir,
+                    parent,
+                    OFlag::O_PATH | OFlag::O_DIRECTORY,
+                    Cross::Mounts,
+                ) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        failed.insert(rel, e);
+                        continue;
+                    }
+                }
+            };
+            let parent_fd = parent_fd.as_ref().map_or(dir, |fd| fd.as_fd());
+            match safe_fs::unmount(parent_fd, name) {
+                Ok(()) => progress = true,
+                // Already gone with an ancestor or a propagated unmount.
+                Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {}
+                Err(e) => {
+                    failed.insert(rel, e);
+                }
+            }
+        }
+        if !progress {
+            break;
+        }
     }
+    let Some(mounted) = list(left) else { return };
+    for rel in mounted {
+        let error = failed
+            .remove(&rel)
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::ResourceBusy, "still mounted"));
+        left.push(Leftover {
+            action: "unmount",
+            path: shown.join(rel),
+            error,
+        });
+    }
+}
+
+fn report(id: &Id, left: &[Leftover]) {
+    for l in left {
+        tracing::warn!(sandbox = %id, "left behind: could not {} {}: {}", l.action, l.path.display(), l.error);
+    }
+}
+
+fn into_result(id: &Id, left: Vec<Leftover>) -> Result<()> {
+    report(id, &left);
+    match left.into_iter().next() {
+        None => Ok(()),
+        Some(first) => Err(host(id, first.action, &first.path)(first.error)),
+    }
+}
+
+/// `a-z A-Z 0-9 - _`, starting with a letter or digit.
+fn is_word(s: &str) -> bool {
+    s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `dir` with a trailing slash: what paths inside it start with. Without
@@ -160,67 +599,114 @@ fn within(dir: &Path) -> String {
     format!("{}/", dir.to_string_lossy().trim_end_matches('/'))
 }
 
-/// The recorded processes (`*.pid`) of `dir` that are still alive and
-/// still ours: their command line names the directory.
-pub fn owned_processes(dir: &Path) -> Vec<nix::unistd::Pid> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// Opens `<state_dir>/<id>` if it is a sandbox directory: a real
+/// directory (no symlink), holding the marker that names `id`.
+fn open_sandbox(state_dir: &Path, id: &Id) -> Result<Option<(OwnedFd, OwnedFd)>> {
+    let path = state_dir.join(id);
+    let state = match safe_fs::open_host(state_dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        opened => opened.map_err(host(id, "open", state_dir))?,
+    };
+    let dir = match open_beneath(
+        state.as_fd(),
+        id,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Cross::Mounts,
+    ) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        opened => opened.map_err(host(id, "open", &path))?,
+    };
+    let marker = safe_fs::read_small(dir.as_fd(), os(MARKER), 256).map_err(host(
+        id,
+        "recognise as a sandbox directory",
+        &path,
+    ))?;
+    if marker != id.as_bytes() {
+        return Err(host(id, "recognise as a sandbox directory", &path)(
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "its marker names another sandbox",
+            ),
+        ));
+    }
+    Ok(Some((state, dir)))
+}
+
+/// The recorded processes (`*.pid`) of sandbox `id` that are still alive
+/// and still its own: their command line names its directory.
+pub fn owned_processes(state_dir: &Path, id: &Id) -> Vec<Pid> {
+    match open_sandbox(state_dir, id) {
+        Ok(Some((_, dir))) => processes_in(dir.as_fd(), &state_dir.join(id)),
+        _ => Vec::new(),
+    }
+}
+
+fn processes_in(dir: BorrowedFd<'_>, path: &Path) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir(proc_path(dir)) else {
         return Vec::new();
     };
+    let prefix = within(path);
     entries
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "pid"))
-        .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<i32>().ok())
-        .map(nix::unistd::Pid::from_raw)
+        .map(|e| e.file_name())
+        .filter(|n| n.as_bytes().ends_with(b".pid"))
+        .filter_map(|n| {
+            let text = safe_fs::read_small(dir, &n, 32).ok()?;
+            std::str::from_utf8(&text).ok()?.trim().parse::<i32>().ok()
+        })
+        .filter(|&pid| pid > 1)
+        .map(Pid::from_raw)
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmdline).contains(&within(dir))
+            String::from_utf8_lossy(&cmdline).contains(&prefix)
         })
         .collect()
 }
 
-/// Cleans up after an owner that died: kills the processes recorded in
-/// `*.pid`, unmounts everything below `dir`, removes it.
-pub async fn cleanup_dead(dir: &Path) {
-    let pids = owned_processes(dir);
+/// Cleans up sandbox `id` after its owner died: kills the processes
+/// recorded in its `*.pid` files (those still naming its directory),
+/// unmounts what is mounted in `<state_dir>/<id>`, and removes it. Acts on
+/// that directory only, and only if it is a sandbox directory (a real
+/// directory holding the marker [`RunDir::create`] writes); a missing one
+/// is already clean.
+pub async fn cleanup_dead(state_dir: &Path, id: &Id) -> Result<()> {
+    let Some((state, dir)) = open_sandbox(state_dir, id)? else {
+        return Ok(());
+    };
+    let path = state_dir.join(id);
+    let pids = processes_in(dir.as_fd(), &path);
+    drop(dir);
     for p in &pids {
         let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while pids
         .iter()
         .any(|p| Path::new(&format!("/proc/{p}")).exists())
-        && std::time::Instant::now() < deadline
+        && Instant::now() < deadline
     {
         // Reap them if they were our children; else wait for their parent to.
         for p in &pids {
             let _ = nix::sys::wait::waitpid(*p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let prefix = within(dir);
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&prefix))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = umount2(Path::new(&m), MntFlags::MNT_DETACH);
-    }
-    remove_no_follow(dir);
+    let left = teardown(state.as_fd(), id, &path);
+    into_result(id, left)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_sandbox_does_not_claim_its_prefix_siblings() {
-        let a = within(Path::new("/run/cocoon/a"));
-        assert!("/run/cocoon/a/shared".starts_with(&a));
-        assert!(!"/run/cocoon/ab/shared".starts_with(&a));
-        assert_eq!(within(Path::new("/run/cocoon/a/")), a);
+/// The sandbox whose state directory `run_dir` is, if it is exactly
+/// `<state_dir>/<id>` for a valid id: no `..`, no `.`, nothing after the
+/// id. For paths read from files (the bundle's pointer to its sandbox), so
+/// that whatever they say, cleanup stays inside `state_dir`.
+pub fn sandbox_id_of(state_dir: &Path, run_dir: &Path) -> Option<Id> {
+    let prefix = within(state_dir);
+    if !prefix.starts_with('/') {
+        return None;
     }
+    let rest = run_dir
+        .as_os_str()
+        .as_bytes()
+        .strip_prefix(prefix.as_bytes())?;
+    Id::sandbox(std::str::from_utf8(rest).ok()?).ok()
 }

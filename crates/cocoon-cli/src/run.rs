@@ -5,12 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use cocoon_hypervisor::Qemu;
-use cocoon_protocols::agent::{
-    ContainerRequest, CreateContainerRequest, ProcessRequest, ResizeTtyRequest,
-};
-use cocoon_protocols::StreamKind;
-use cocoon_runtime::{ctx, Sandbox, CALL_TIMEOUT};
+use cocoon_protocols::{Id, StreamKind};
+use cocoon_runtime::{Container, Sandbox};
 use tokio::io::AsyncWriteExt;
 
 #[derive(clap::Args)]
@@ -85,12 +81,16 @@ async fn sweep_stale_runs(state_dir: &std::path::Path) {
                 "cleaning up {} (its cocoon run is gone)",
                 e.path().display()
             );
-            cocoon_runtime::cleanup_dead(&e.path()).await;
+            if let Ok(id) = Id::sandbox(&name) {
+                if let Err(e) = cocoon_runtime::cleanup_dead(state_dir, &id).await {
+                    tracing::warn!("{}", cocoon_runtime::error_chain(&e));
+                }
+            }
         }
     }
 }
 
-fn spec_for(args: &RunArgs, rootfs_rel: &str) -> anyhow::Result<oci_spec::runtime::Spec> {
+fn spec_for(args: &RunArgs) -> anyhow::Result<oci_spec::runtime::Spec> {
     let mut spec = oci_spec::runtime::Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_args(Some(args.command.clone()));
@@ -107,7 +107,6 @@ fn spec_for(args: &RunArgs, rootfs_rel: &str) -> anyhow::Result<oci_spec::runtim
     process.set_terminal(Some(args.tty));
     spec.set_process(Some(process));
     let mut root = spec.root().clone().unwrap_or_default();
-    root.set_path(rootfs_rel.into());
     root.set_readonly(Some(false));
     spec.set_root(Some(root));
     spec.set_hostname(Some("cocoon".into()));
@@ -133,7 +132,8 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let loaded = cocoon_config::load(args.config.as_deref())?;
     tracing::info!(source = %loaded.source, "configuration");
     sweep_stale_runs(&loaded.config.runtime.state_dir).await;
-    let id = format!("run-{}", std::process::id());
+    let id = Id::sandbox(&format!("run-{}", std::process::id()))?;
+    let cid = Id::container(CONTAINER_ID)?;
 
     let interrupted = async {
         let mut term =
@@ -145,30 +145,19 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     tokio::pin!(interrupted);
 
-    let start = Sandbox::start(&id, &loaded.config, &Qemu);
+    let start = Sandbox::start(&id, &loaded.config);
     let mut sandbox = tokio::select! {
         s = start => s?,
         _ = &mut interrupted => anyhow::bail!("interrupted while booting"),
     };
     let result = tokio::select! {
-        r = run_in(&mut sandbox, &args, &rootfs) => r,
+        r = run_in(&mut sandbox, &cid, &args, &rootfs) => r,
         _ = &mut interrupted => {
             eprintln!("cocoon run: interrupted; stopping the VM");
             Ok(130)
         }
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        sandbox.agent().remove_container(
-            ctx(Duration::from_secs(5)),
-            &ContainerRequest {
-                container_id: CONTAINER_ID.into(),
-                ..Default::default()
-            },
-        ),
-    )
-    .await;
-    sandbox.unshare_rootfs(CONTAINER_ID);
+    sandbox.remove_container(&cid).await;
     sandbox.stop().await;
     result
 }
@@ -216,7 +205,7 @@ fn window_size() -> Option<(u16, u16)> {
 }
 
 /// Keeps the container's terminal the size of the host's.
-fn follow_window_size(channel: cocoon_runtime::Channel) {
+fn follow_window_size(container: Container) {
     let Ok(mut winch) =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
     else {
@@ -225,13 +214,7 @@ fn follow_window_size(channel: cocoon_runtime::Channel) {
     tokio::spawn(async move {
         loop {
             if let Some((rows, columns)) = window_size() {
-                let req = ResizeTtyRequest {
-                    container_id: CONTAINER_ID.into(),
-                    rows: rows.into(),
-                    columns: columns.into(),
-                    ..Default::default()
-                };
-                let _ = channel.agent().resize_tty(ctx(CALL_TIMEOUT), &req).await;
+                let _ = container.resize(None, rows.into(), columns.into()).await;
             }
             if winch.recv().await.is_none() {
                 return;
@@ -242,45 +225,28 @@ fn follow_window_size(channel: cocoon_runtime::Channel) {
 
 async fn run_in(
     sandbox: &mut Sandbox,
+    cid: &Id,
     args: &RunArgs,
     rootfs: &std::path::Path,
 ) -> anyhow::Result<i32> {
-    let rel = sandbox.share_rootfs(CONTAINER_ID, rootfs)?;
-    let spec = spec_for(args, &rel)?;
-    let req = CreateContainerRequest {
-        container_id: CONTAINER_ID.into(),
-        oci_spec_json: serde_json::to_vec(&spec)?,
-        terminal: args.tty,
-        ..Default::default()
-    };
-    sandbox
-        .agent()
-        .create_container(ctx(CALL_TIMEOUT), &req)
-        .await
-        .context("create container")?;
+    let spec = spec_for(args)?;
+    let container = sandbox
+        .create_container(cid, spec, rootfs, args.tty)
+        .await?;
 
     let _raw = if args.tty {
-        follow_window_size(sandbox.channel());
+        follow_window_size(container.clone());
         RawTerminal::enter()
     } else {
         None
     };
-    let channel = sandbox.channel();
-    let stdout = channel
-        .open_stream(StreamKind::Stdout, CONTAINER_ID, "")
-        .await?;
+    let stdout = container.open_stream(StreamKind::Stdout, None).await?;
     let stderr = if args.tty {
         None
     } else {
-        Some(
-            channel
-                .open_stream(StreamKind::Stderr, CONTAINER_ID, "")
-                .await?,
-        )
+        Some(container.open_stream(StreamKind::Stderr, None).await?)
     };
-    let stdin = channel
-        .open_stream(StreamKind::Stdin, CONTAINER_ID, "")
-        .await?;
+    let stdin = container.open_stream(StreamKind::Stdin, None).await?;
     let pump_out = tokio::spawn(async move {
         let mut s = stdout;
         let mut o = tokio::io::stdout();
@@ -302,31 +268,11 @@ async fn run_in(
         let _ = s.shutdown().await;
     });
 
-    sandbox
-        .agent()
-        .start_container(
-            ctx(CALL_TIMEOUT),
-            &ContainerRequest {
-                container_id: CONTAINER_ID.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("start container")?;
-    let exit = sandbox
-        .agent()
-        .wait_process(
-            ttrpc::context::Context::default(),
-            &ProcessRequest {
-                container_id: CONTAINER_ID.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("wait for the container")?;
+    container.start().await?;
+    let exit = container.wait(None).await?;
     // The container's init has exited, so its PID namespace is gone and the
     // streams end; wait for their last bytes.
     let _ = pump_out.await;
     let _ = pump_err.await;
-    Ok(exit.exit_status)
+    Ok(exit.status as i32)
 }

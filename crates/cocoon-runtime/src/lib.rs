@@ -2,27 +2,30 @@
 //! with the guest, the VM, and a connected agent. [`Sandbox::start`] returns
 //! a ready sandbox or fails having released everything it created;
 //! [`Sandbox::stop`] releases it all in order, and dropping a sandbox kills
-//! and removes what is left.
+//! and removes what is left. A [`Container`] is one container of a
+//! sandbox, with every operation the front ends need.
 
+mod container;
 mod rundir;
+pub mod spec;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cocoon_config::Config;
-use cocoon_hypervisor::{HostCaps, Hypervisor, Vm, VmSpec, VsockStream};
+use cocoon_hypervisor::{HostCaps, Hypervisor, Vm, VmSpec};
 use cocoon_protocols::agent::{CreateSandboxRequest, Empty};
 use cocoon_protocols::agent_ttrpc::AgentClient;
-use cocoon_protocols::{StreamHeader, StreamKind};
-use tokio::io::AsyncWriteExt;
+use cocoon_protocols::Id;
 
-pub use rundir::{cleanup_dead, owned_processes, RunDir};
+pub use container::{Container, ProcessExit};
+pub use rundir::{cleanup_dead, owned_processes, sandbox_id_of, RunDir};
 
 /// Why a sandbox operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid sandbox id {0:?}")]
-    InvalidId(String),
+    #[error(transparent)]
+    InvalidId(#[from] cocoon_protocols::InvalidId),
     #[error("sandbox {id} is already running ({path})")]
     Running { id: String, path: PathBuf },
     #[error("sandbox {id}")]
@@ -60,16 +63,44 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("sandbox {id}: stream {what}")]
-    Stream {
-        id: String,
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The gRPC code a caller of the runtime should see for each failure.
+impl From<Error> for cocoon_protocols::Error {
+    fn from(e: Error) -> Self {
+        use cocoon_protocols::Error as P;
+        let msg = error_chain(&e);
+        match &e {
+            Error::InvalidId(_) => P::InvalidArgument(msg),
+            Error::Running { .. } => P::AlreadyExists(msg),
+            Error::Hypervisor { source, .. } => match source {
+                cocoon_hypervisor::Error::NotFound { .. } => P::FailedPrecondition(msg),
+                _ => P::Internal(msg),
+            },
+            Error::BootTimeout { .. } => P::DeadlineExceeded(msg),
+            Error::VmExited { .. } => P::Unavailable(msg),
+            Error::Agent { call, source, .. } => P::from_ttrpc(
+                format!("sandbox {}: agent {call}", e_id(&e)),
+                source.clone(),
+            ),
+            Error::Host { .. } => P::Internal(msg),
+        }
+    }
+}
+
+fn e_id(e: &Error) -> &str {
+    match e {
+        Error::Running { id, .. }
+        | Error::Hypervisor { id, .. }
+        | Error::BootTimeout { id, .. }
+        | Error::VmExited { id, .. }
+        | Error::Agent { id, .. }
+        | Error::Host { id, .. } => id,
+        Error::InvalidId(e) => &e.id,
+    }
+}
 
 /// An error and its causes on one line: `what failed: why: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -91,9 +122,17 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 /// Default timeout of short agent calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the guest has to accept a stdio stream.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The hypervisor a configuration asks for (QEMU is the one backend).
+pub fn hypervisor(_config: &Config) -> Box<dyn Hypervisor> {
+    Box::new(cocoon_hypervisor::Qemu)
+}
+
 /// A running pod VM with a connected agent.
 pub struct Sandbox {
-    id: String,
+    id: Id,
     // Field order is drop order: the VM (and its daemons) goes before the
     // mounts and directories it uses.
     vm: Box<dyn Vm>,
@@ -103,33 +142,36 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots the VM for sandbox `id` and waits for its agent.
-    pub async fn start(id: &str, config: &Config, hypervisor: &dyn Hypervisor) -> Result<Self> {
-        if id.is_empty() || id.contains('/') || id.starts_with('.') || id.len() > 128 {
-            return Err(Error::InvalidId(id.into()));
-        }
+    /// Boots the VM for sandbox `id` with the hypervisor `config` names,
+    /// and waits for its agent.
+    pub async fn start(id: &Id, config: &Config) -> Result<Self> {
+        Self::start_with(id, config, hypervisor(config).as_ref()).await
+    }
+
+    /// [`Sandbox::start`] on a given hypervisor.
+    pub async fn start_with(id: &Id, config: &Config, hypervisor: &dyn Hypervisor) -> Result<Self> {
         let caps = HostCaps::probe();
         let accel = caps.resolve_accel(config.hypervisor.accel);
         let vsock = caps.resolve_vsock(config.vsock.transport);
-        tracing::info!(sandbox = id, ?accel, ?vsock, machine = ?config.hypervisor.machine, "starting VM");
+        tracing::info!(sandbox = %id, ?accel, ?vsock, machine = ?config.hypervisor.machine, "starting VM");
         // State left by an owner that died with its VM (a killed shim whose
         // containerd never ran `delete`) is cleaned; a live sandbox is not.
-        let stale = config.runtime.state_dir.join(id);
+        let stale = config.runtime.state_dir.join(id.as_str());
         if stale.exists() {
-            if !owned_processes(&stale).is_empty() {
+            if !owned_processes(&config.runtime.state_dir, id).is_empty() {
                 return Err(Error::Running {
-                    id: id.into(),
+                    id: id.to_string(),
                     path: stale,
                 });
             }
             tracing::info!(
-                sandbox = id,
+                sandbox = %id,
                 "removing the state of a previous owner: {}",
                 stale.display()
             );
-            cleanup_dead(&stale).await;
+            cleanup_dead(&config.runtime.state_dir, id).await?;
         }
-        let dir = RunDir::create(id, &config.runtime.state_dir)?;
+        let dir = RunDir::create(&config.runtime.state_dir, id)?;
         let spec = VmSpec {
             name: format!("cocoon-{id}"),
             config: config.clone(),
@@ -144,12 +186,12 @@ impl Sandbox {
             },
         };
         let hv_err = |source| Error::Hypervisor {
-            id: id.into(),
+            id: id.to_string(),
             source,
         };
         let mut vm = hypervisor.launch(&spec).await.map_err(hv_err)?;
         for (name, pid) in vm.pids() {
-            dir.record_pid(name, pid);
+            dir.record_pid(name, pid)?;
         }
         let timeout = config.hypervisor.boot_timeout;
         let (agent, kernel_release) = match connect_agent(id, vm.as_mut(), timeout).await {
@@ -160,7 +202,7 @@ impl Sandbox {
             }
         };
         let sandbox = Self {
-            id: id.into(),
+            id: id.clone(),
             vm,
             agent,
             kernel_release,
@@ -175,7 +217,7 @@ impl Sandbox {
             let mut s = sandbox;
             s.vm.shutdown(Duration::ZERO).await;
             return Err(Error::Agent {
-                id: id.into(),
+                id: id.to_string(),
                 call: "CreateSandbox",
                 source,
             });
@@ -183,7 +225,7 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &Id {
         &self.id
     }
 
@@ -207,24 +249,49 @@ impl Sandbox {
         self.vm.as_mut()
     }
 
-    /// Shares host directory `rootfs` with the guest as the root filesystem
-    /// of `container_id`; returns its path relative to the guest's share.
-    pub fn share_rootfs(&mut self, container_id: &str, rootfs: &Path) -> Result<String> {
-        self.dir.bind_rootfs(container_id, rootfs)
+    /// Creates container `id` in the guest: shares host directory `rootfs`
+    /// as its root filesystem, rewrites `spec` for the guest and creates it
+    /// there. On failure nothing of it is left: the share is undone.
+    pub async fn create_container(
+        &mut self,
+        id: &Id,
+        mut spec: oci_spec::runtime::Spec,
+        rootfs: &Path,
+        terminal: bool,
+    ) -> Result<Container, cocoon_protocols::Error> {
+        let rel = self.dir.share_rootfs(id, rootfs)?;
+        spec::adapt(&mut spec, &rel);
+        match self.channel().create_container(id, &spec, terminal).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                if let Err(u) = self.dir.unshare_container(id) {
+                    tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&u));
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Stops sharing the root filesystem of `container_id`.
-    pub fn unshare_rootfs(&mut self, container_id: &str) {
-        self.dir.unbind_rootfs(container_id)
+    /// Removes container `id` from the guest (if it is still there) and
+    /// stops sharing its root filesystem.
+    pub async fn remove_container(&mut self, id: &Id) {
+        let c = Container::new(self.channel(), id.clone());
+        if let Err(e) = c.remove().await {
+            tracing::warn!(sandbox = %self.id, container = %id, "{e}");
+        }
+        if let Err(e) = self.dir.unshare_container(id) {
+            tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&e));
+        }
+    }
+
+    /// A handle on container `id` of this sandbox.
+    pub fn container(&self, id: &Id) -> Container {
+        Container::new(self.channel(), id.clone())
     }
 
     /// A cloneable handle on the agent and the stream port.
     pub fn channel(&self) -> Channel {
-        Channel {
-            id: self.id.clone(),
-            agent: self.agent.clone(),
-            vsock: self.vm.vsock().clone(),
-        }
+        Channel::new(&self.id, self.agent.clone(), self.vm.vsock().clone())
     }
 
     /// The state directory of this sandbox.
@@ -256,56 +323,72 @@ impl Sandbox {
 /// The agent and the stream port of a sandbox, cheap to clone.
 #[derive(Clone)]
 pub struct Channel {
-    id: String,
+    id: Id,
     agent: AgentClient,
     vsock: cocoon_hypervisor::VsockConnector,
+    stream_timeout: Duration,
 }
 
 impl Channel {
     /// A channel to the agent behind `vsock` (tests put a fake guest there).
-    pub fn new(id: &str, agent: AgentClient, vsock: cocoon_hypervisor::VsockConnector) -> Self {
+    pub fn new(id: &Id, agent: AgentClient, vsock: cocoon_hypervisor::VsockConnector) -> Self {
         Self {
-            id: id.into(),
+            id: id.clone(),
             agent,
             vsock,
+            stream_timeout: STREAM_TIMEOUT,
         }
+    }
+
+    /// The same channel with another deadline for opening streams.
+    pub fn with_stream_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_timeout = timeout;
+        self
     }
 
     pub fn agent(&self) -> &AgentClient {
         &self.agent
     }
 
-    /// Opens one stdio stream of a process (`exec_id` empty for the init).
-    pub async fn open_stream(
+    /// A handle on container `id`.
+    pub fn container(&self, id: &Id) -> Container {
+        Container::new(self.clone(), id.clone())
+    }
+
+    /// Creates container `id` in the guest from `spec`, already adapted to
+    /// the guest ([`spec::adapt`]) and its rootfs shared.
+    pub async fn create_container(
         &self,
-        kind: StreamKind,
-        container_id: &str,
-        exec_id: &str,
-    ) -> Result<VsockStream> {
-        let what = format!("{} of {container_id}/{exec_id}", kind.as_str());
-        let err = |source| Error::Stream {
-            id: self.id.clone(),
-            what: what.clone(),
-            source,
-        };
-        let mut s = self
-            .vsock
-            .connect(cocoon_protocols::STREAM_PORT)
+        id: &Id,
+        spec: &oci_spec::runtime::Spec,
+        terminal: bool,
+    ) -> Result<Container, cocoon_protocols::Error> {
+        Container::create(self.clone(), id.clone(), spec, terminal).await
+    }
+
+    /// Long-polls the guest for the next OOM kill. `Ok(None)` is an answer
+    /// that names no valid container (logged): the caller backs off and
+    /// asks again. Whether the container is one of ours is the caller's to
+    /// check.
+    pub async fn next_oom(&self) -> Result<Option<Id>, cocoon_protocols::Error> {
+        let ev = self
+            .agent
+            .get_oom_event(ttrpc::context::Context::default(), &Empty::new())
             .await
-            .map_err(err)?;
-        let header = StreamHeader {
-            kind,
-            container_id: container_id.into(),
-            exec_id: exec_id.into(),
-        };
-        s.write_all(header.encode().as_bytes()).await.map_err(err)?;
-        Ok(s)
+            .map_err(|e| cocoon_protocols::Error::from_ttrpc("OOM events", e))?;
+        match Id::container(&ev.container_id) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => {
+                tracing::warn!(sandbox = %self.id, "OOM event dropped: {e}");
+                Ok(None)
+            }
+        }
     }
 }
 
 /// Connects to the agent, retrying until it answers a ping or `timeout` passes.
 async fn connect_agent(
-    id: &str,
+    id: &Id,
     vm: &mut dyn Vm,
     timeout: Duration,
 ) -> Result<(AgentClient, String)> {
@@ -317,7 +400,7 @@ async fn connect_agent(
         attempts += 1;
         if let Some(status) = vm.try_wait() {
             return Err(Error::VmExited {
-                id: id.into(),
+                id: id.to_string(),
                 status,
                 console: vm.console_tail(30),
             });
@@ -344,7 +427,7 @@ async fn connect_agent(
             }
             if let Ok(pong) = pong {
                 tracing::info!(
-                    sandbox = id,
+                    sandbox = %id,
                     boot_ms = start.elapsed().as_millis() as u64,
                     "agent answered"
                 );
@@ -353,7 +436,7 @@ async fn connect_agent(
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::BootTimeout {
-                id: id.into(),
+                id: id.to_string(),
                 timeout,
                 attempts,
                 last,

@@ -26,9 +26,8 @@ async fn bad_requests_get_errors_and_the_agent_lives_on() {
     config.guest.initrd = guest.join("initrd.img");
     config.guest.dir = guest;
     config.runtime.state_dir = state.path().to_path_buf();
-    let sandbox = Sandbox::start("agent-errors", &config, &cocoon_hypervisor::Qemu)
-        .await
-        .unwrap();
+    let id = cocoon_protocols::Id::sandbox("agent-errors").unwrap();
+    let sandbox = Sandbox::start(&id, &config).await.unwrap();
     let a = sandbox.agent();
     let t = || ctx(Duration::from_secs(10));
 

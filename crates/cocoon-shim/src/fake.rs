@@ -2,15 +2,17 @@
 //! behind a hybrid-vsock-style unix socket, with scripted processes, and an
 //! event sink that records what the service publishes. No VM, no containerd.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use cocoon_hypervisor::VsockConnector;
 use cocoon_protocols::agent::*;
 use cocoon_protocols::agent_ttrpc;
-use cocoon_runtime::Channel;
+use cocoon_protocols::Id;
+use cocoon_runtime::{Channel, Container};
 use containerd_shim::protos::protobuf::MessageDyn;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -35,6 +37,8 @@ struct AgentState {
 #[derive(Clone, Default)]
 pub struct FakeAgent {
     state: Arc<Mutex<AgentState>>,
+    /// What GetOomEvent answers, one container id per event.
+    oom: Arc<tokio::sync::Mutex<Option<mpsc::Receiver<String>>>>,
 }
 
 fn status(code: ttrpc::Code, msg: &str) -> ttrpc::Error {
@@ -92,12 +96,13 @@ impl FakeAgent {
                 let _ = conn.read_to_end(&mut sink).await;
             }
             kind => {
-                let Ok(mut rx) = self.exit_rx(&h.container_id, &h.exec_id) else {
+                let exec = h.exec_id.as_ref().map_or("", |e| e.as_str());
+                let Ok(mut rx) = self.exit_rx(&h.container_id, exec) else {
                     return;
                 };
                 if kind == cocoon_protocols::StreamKind::Stdout {
                     let _ = conn
-                        .write_all(format!("out:{}/{}\n", h.container_id, h.exec_id).as_bytes())
+                        .write_all(format!("out:{}/{exec}\n", h.container_id).as_bytes())
                         .await;
                 }
                 let _ = rx.wait_for(Option::is_some).await;
@@ -236,7 +241,18 @@ impl agent_ttrpc::Agent for FakeAgent {
         })
     }
     async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<OomEvent> {
-        std::future::pending().await
+        let mut rx = self.oom.lock().await;
+        let next = match rx.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => None,
+        };
+        match next {
+            Some(id) => Ok(OomEvent {
+                container_id: id,
+                ..Default::default()
+            }),
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -245,6 +261,8 @@ pub struct FakePod {
     channel: Channel,
     dir: tempfile::TempDir,
     stopped: Arc<Mutex<bool>>,
+    shared: Arc<Mutex<BTreeSet<String>>>,
+    dead: Arc<AtomicBool>,
     // Dropped with the pod, which ends the fake guest.
     _server: Mutex<ttrpc::r#async::Server>,
 }
@@ -260,12 +278,28 @@ impl PodHandle for FakePod {
     fn run_dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
-    fn share_rootfs(&mut self, container_id: &str, _: &Path) -> Result<String> {
-        Ok(format!("{container_id}/rootfs"))
+    async fn create_container(
+        &mut self,
+        id: &Id,
+        spec: oci_spec::runtime::Spec,
+        _: &Path,
+        terminal: bool,
+    ) -> Result<Container> {
+        self.shared.lock().unwrap().insert(id.to_string());
+        let r = self.channel.create_container(id, &spec, terminal).await;
+        if r.is_err() {
+            self.shared.lock().unwrap().remove(id.as_str());
+        }
+        r
     }
-    fn unshare_rootfs(&mut self, _: &str) {}
+    async fn remove_container(&mut self, id: &Id) {
+        let _ = self.channel.container(id).remove().await;
+        self.shared.lock().unwrap().remove(id.as_str());
+    }
     fn try_wait(&mut self) -> Option<String> {
-        None
+        self.dead
+            .load(Ordering::SeqCst)
+            .then(|| "killed by the test".into())
     }
     async fn stop(self: Box<Self>) {
         *self.stopped.lock().unwrap() = true;
@@ -276,20 +310,32 @@ impl PodHandle for FakePod {
 pub struct FakeLauncher {
     pub launches: Mutex<Vec<String>>,
     pub stopped: Arc<Mutex<bool>>,
+    /// Container ids whose rootfs the pod shares now.
+    pub shared: Arc<Mutex<BTreeSet<String>>>,
+    /// Set to make the VM die.
+    pub dead: Arc<AtomicBool>,
+    /// The guest accepts no stdio stream (never answers `OK`).
+    pub silent_streams: bool,
+    /// Feeds GetOomEvent.
+    pub oom: Mutex<Option<mpsc::Receiver<String>>>,
 }
 
 #[async_trait]
 impl Launcher for FakeLauncher {
     async fn launch(
         &self,
-        sandbox_id: &str,
+        sandbox_id: &Id,
         _: &cocoon_config::Config,
     ) -> Result<Box<dyn PodHandle>> {
-        self.launches.lock().unwrap().push(sandbox_id.into());
+        self.launches.lock().unwrap().push(sandbox_id.to_string());
+        let silent = self.silent_streams;
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vsock.sock");
         let listener = UnixListener::bind(&uds).unwrap();
-        let agent = FakeAgent::default();
+        let agent = FakeAgent {
+            oom: Arc::new(tokio::sync::Mutex::new(self.oom.lock().unwrap().take())),
+            ..Default::default()
+        };
         let (tx, rx) = mpsc::channel::<std::io::Result<UnixStream>>(16);
         let streams = agent.clone();
         tokio::spawn(async move {
@@ -309,6 +355,14 @@ impl Launcher for FakeLauncher {
                     .trim_start_matches("CONNECT ")
                     .parse()
                     .unwrap_or(0);
+                if port != cocoon_protocols::AGENT_PORT && silent {
+                    // Holds the connection open and never answers.
+                    tokio::spawn(async move {
+                        let mut sink = Vec::new();
+                        let _ = conn.read_to_end(&mut sink).await;
+                    });
+                    continue;
+                }
                 let _ = conn.write_all(b"OK 1\n").await;
                 if port == cocoon_protocols::AGENT_PORT {
                     let _ = tx.send(Ok(conn)).await;
@@ -330,9 +384,12 @@ impl Launcher for FakeLauncher {
             ttrpc::r#async::transport::Socket::new(stream),
         ));
         Ok(Box::new(FakePod {
-            channel: Channel::new(sandbox_id, client, vsock),
+            channel: Channel::new(sandbox_id, client, vsock)
+                .with_stream_timeout(std::time::Duration::from_millis(500)),
             dir,
             stopped: self.stopped.clone(),
+            shared: self.shared.clone(),
+            dead: self.dead.clone(),
             _server: Mutex::new(server),
         }))
     }

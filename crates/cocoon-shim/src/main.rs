@@ -4,14 +4,25 @@
 //! serving shim boots the pod's VM at the first Create and stops it when the
 //! last task is gone. `delete` cleans up after a shim that died.
 
+mod attach;
+mod create;
+mod delete;
 mod error;
 #[cfg(test)]
 mod fake;
 mod io;
+mod metrics;
+mod monitor;
 mod options;
 mod pod;
+mod process;
 mod service;
+mod start;
 mod state;
+mod table;
+mod task;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -105,7 +116,7 @@ impl Shim for CocoonShim {
                 publisher,
                 namespace: self.namespace.clone(),
             }),
-            Arc::new(pod::QemuLauncher),
+            Arc::new(pod::SandboxLauncher),
             self.exit.clone(),
         )
     }
@@ -140,7 +151,9 @@ fn init_logging(args: &Flags) {
 
 /// The `delete` path: if the pod's shim is gone, kill its VM and daemons,
 /// undo its mounts and remove its state; if it still serves (a failed Create
-/// in a live pod), only this bundle's rootfs mount is undone.
+/// in a live pod), only this bundle's rootfs mount is undone. The pointer
+/// file is acted on only if it names `<state_dir>/<valid sandbox id>` of
+/// the configured state directory.
 async fn cleanup_dead_shim(bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
@@ -159,7 +172,32 @@ async fn cleanup_dead_shim(bundle: &Path) {
     if alive {
         return;
     }
-    cocoon_runtime::cleanup_dead(Path::new(&run_dir)).await;
+    // The configured state directory; a flavour chosen by ConfigPath may
+    // name another, so the pointer's own parent is tried next. Either way
+    // cleanup_dead acts only on a directory that holds this sandbox's
+    // marker, which only Cocoon writes.
+    let configured = match cocoon_config::load(None) {
+        Ok(l) => l.config.runtime.state_dir,
+        Err(e) => {
+            tracing::warn!("configuration: {}", cocoon_runtime::error_chain(&e));
+            cocoon_config::Config::default().runtime.state_dir
+        }
+    };
+    let run_dir = Path::new(run_dir.trim_end());
+    let candidates = [Some(configured.as_path()), run_dir.parent()];
+    let Some((state_dir, id)) = candidates.into_iter().flatten().find_map(|dir| {
+        cocoon_runtime::sandbox_id_of(dir, run_dir).map(|id| (dir.to_path_buf(), id))
+    }) else {
+        tracing::warn!(
+            "{}: {} is not a sandbox directory; not cleaned",
+            pointer.display(),
+            run_dir.display()
+        );
+        return;
+    };
+    if let Err(e) = cocoon_runtime::cleanup_dead(&state_dir, &id).await {
+        tracing::warn!(sandbox = %id, "cleanup: {}", cocoon_runtime::error_chain(&e));
+    }
 }
 
 #[tokio::main]

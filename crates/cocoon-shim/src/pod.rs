@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use cocoon_runtime::{Channel, Sandbox};
+use cocoon_protocols::Id;
+use cocoon_runtime::{Channel, Container, Sandbox};
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::protos::protobuf::MessageDyn;
 
@@ -20,9 +21,17 @@ pub trait PodHandle: Send + Sync {
     fn vmm_pid(&self) -> u32;
     /// The pod's state directory (for `delete` after a shim died).
     fn run_dir(&self) -> PathBuf;
-    /// Shares a host directory into the guest as a container's rootfs.
-    fn share_rootfs(&mut self, container_id: &str, rootfs: &Path) -> Result<String>;
-    fn unshare_rootfs(&mut self, container_id: &str);
+    /// Creates a container whose root filesystem is host directory
+    /// `rootfs`; on failure nothing of it is left in the pod.
+    async fn create_container(
+        &mut self,
+        id: &Id,
+        spec: oci_spec::runtime::Spec,
+        rootfs: &Path,
+        terminal: bool,
+    ) -> Result<Container>;
+    /// Removes a container from the guest and stops sharing its rootfs.
+    async fn remove_container(&mut self, id: &Id);
     /// `Some(status)` once the VM has died.
     fn try_wait(&mut self) -> Option<String>;
     /// Powers the VM off and releases everything.
@@ -34,7 +43,7 @@ pub trait PodHandle: Send + Sync {
 pub trait Launcher: Send + Sync {
     async fn launch(
         &self,
-        sandbox_id: &str,
+        sandbox_id: &Id,
         config: &cocoon_config::Config,
     ) -> Result<Box<dyn PodHandle>>;
 }
@@ -45,19 +54,17 @@ pub trait Events: Send + Sync {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
 }
 
-/// The real pod: a QEMU sandbox.
-pub struct QemuLauncher;
+/// The real pod: a sandbox on the hypervisor its configuration names.
+pub struct SandboxLauncher;
 
 #[async_trait]
-impl Launcher for QemuLauncher {
+impl Launcher for SandboxLauncher {
     async fn launch(
         &self,
-        sandbox_id: &str,
+        sandbox_id: &Id,
         config: &cocoon_config::Config,
     ) -> Result<Box<dyn PodHandle>> {
-        Ok(Box::new(
-            Sandbox::start(sandbox_id, config, &cocoon_hypervisor::Qemu).await?,
-        ))
+        Ok(Box::new(Sandbox::start(sandbox_id, config).await?))
     }
 }
 
@@ -72,11 +79,17 @@ impl PodHandle for Sandbox {
     fn run_dir(&self) -> PathBuf {
         Sandbox::run_dir(self).to_path_buf()
     }
-    fn share_rootfs(&mut self, container_id: &str, rootfs: &Path) -> Result<String> {
-        Ok(Sandbox::share_rootfs(self, container_id, rootfs)?)
+    async fn create_container(
+        &mut self,
+        id: &Id,
+        spec: oci_spec::runtime::Spec,
+        rootfs: &Path,
+        terminal: bool,
+    ) -> Result<Container> {
+        Sandbox::create_container(self, id, spec, rootfs, terminal).await
     }
-    fn unshare_rootfs(&mut self, container_id: &str) {
-        Sandbox::unshare_rootfs(self, container_id)
+    async fn remove_container(&mut self, id: &Id) {
+        Sandbox::remove_container(self, id).await
     }
     fn try_wait(&mut self) -> Option<String> {
         self.vm().try_wait()

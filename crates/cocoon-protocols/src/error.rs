@@ -33,6 +33,28 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The most of a peer's error message that is passed on.
+pub const MAX_PEER_MESSAGE: usize = 1024;
+
+/// Text from the guest made fit for a log line or an error message: at most
+/// `max` bytes, control characters (line breaks, terminal escapes) escaped,
+/// so that a guest can neither forge log lines nor grow them without bound.
+pub fn peer_text(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        if out.len() >= max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Error {
     pub fn code(&self) -> ttrpc::Code {
         match self {
@@ -88,13 +110,15 @@ impl Error {
     /// connection is Unavailable, a timeout DeadlineExceeded.
     pub fn from_ttrpc(what: impl std::fmt::Display, e: ttrpc::Error) -> Self {
         match e {
-            ttrpc::Error::RpcStatus(s) => {
-                Error::with_code(s.code(), format!("{what}: {}", s.message()))
-            }
+            ttrpc::Error::RpcStatus(s) => Error::with_code(
+                s.code(),
+                format!("{what}: {}", peer_text(s.message(), MAX_PEER_MESSAGE)),
+            ),
             ttrpc::Error::LocalClosed | ttrpc::Error::RemoteClosed => {
                 Error::Unavailable(format!("{what}: the guest agent's connection is closed"))
             }
-            ttrpc::Error::Others(m) if m.contains("timeout") => {
+            // ttrpc has no typed timeout: its client says this.
+            ttrpc::Error::Others(m) if m.starts_with("Receive packet timeout") => {
                 Error::DeadlineExceeded(format!("{what}: {m}"))
             }
             other => Error::Internal(format!("{what}: {other}")),
@@ -159,6 +183,22 @@ mod tests {
             assert_eq!(back.code(), code);
             assert_eq!(back.message(), "exec: x");
         }
+    }
+
+    #[test]
+    fn peer_messages_are_bounded_and_cannot_forge_lines() {
+        let forged = format!("oops\n2026-01-01 INFO forged{}", "x".repeat(10_000));
+        let e = Error::from_ttrpc(
+            "exec",
+            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, forged)),
+        );
+        assert!(!e.message().contains('\n'));
+        assert!(e.message().starts_with("exec: oops\\n2026"));
+        assert!(
+            e.message().len() < MAX_PEER_MESSAGE + 64,
+            "{}",
+            e.message().len()
+        );
     }
 
     #[test]

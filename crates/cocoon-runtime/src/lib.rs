@@ -275,9 +275,13 @@ impl Sandbox {
     /// Removes container `id` from the guest (if it is still there) and
     /// stops sharing its root filesystem.
     pub async fn remove_container(&mut self, id: &Id) {
-        let c = Container::new(self.channel(), id.clone());
-        if let Err(e) = c.remove().await {
-            tracing::warn!(sandbox = %self.id, container = %id, "{e}");
+        // A dead VM has nothing to remove (and may not close the
+        // connection, which would cost the whole call deadline).
+        if self.vm.try_wait().is_none() {
+            let c = Container::new(self.channel(), id.clone());
+            if let Err(e) = c.remove().await {
+                tracing::warn!(sandbox = %self.id, container = %id, "{e}");
+            }
         }
         if let Err(e) = self.dir.unshare_container(id) {
             tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&e));
@@ -367,7 +371,7 @@ impl Channel {
     }
 
     /// Long-polls the guest for the next OOM kill. `Ok(None)` is an answer
-    /// that names no valid container (logged): the caller backs off and
+    /// that names no valid container: the caller counts it, backs off and
     /// asks again. Whether the container is one of ours is the caller's to
     /// check.
     pub async fn next_oom(&self) -> Result<Option<Id>, cocoon_protocols::Error> {
@@ -375,14 +379,10 @@ impl Channel {
             .agent
             .get_oom_event(ttrpc::context::Context::default(), &Empty::new())
             .await
-            .map_err(|e| cocoon_protocols::Error::from_ttrpc("OOM events", e))?;
-        match Id::container(&ev.container_id) {
-            Ok(id) => Ok(Some(id)),
-            Err(e) => {
-                tracing::warn!(sandbox = %self.id, "OOM event dropped: {e}");
-                Ok(None)
-            }
-        }
+            .map_err(|e| {
+                cocoon_protocols::Error::from_ttrpc(format!("sandbox {}: OOM events", self.id), e)
+            })?;
+        Ok(Id::container(&ev.container_id).ok())
     }
 }
 
@@ -431,7 +431,9 @@ async fn connect_agent(
                     boot_ms = start.elapsed().as_millis() as u64,
                     "agent answered"
                 );
-                return Ok((client, pong.kernel_release));
+                // Shown to users and logged: the guest's text, bounded.
+                let release = cocoon_protocols::error::peer_text(&pong.kernel_release, 128);
+                return Ok((client, release));
             }
         }
         if tokio::time::Instant::now() >= deadline {

@@ -5,16 +5,12 @@ use std::time::Duration;
 
 use cocoon_protocols::{Id, StreamKind};
 use cocoon_runtime::Container;
-use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
-use containerd_shim::protos::protobuf::MessageField;
-use containerd_shim::protos::topics::{TASK_EXIT_EVENT_TOPIC, TASK_OOM_EVENT_TOPIC};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
-use crate::service::{ts, Service, EXIT_VM_DIED};
-use crate::state::ProcState;
-use crate::table::{event_id, Exit, Stdio};
+use crate::service::{Service, EXIT_VM_DIED};
+use crate::table::{Exit, Stdio};
 
 /// Stream copies of one process; aborted if the attach fails half-way.
 struct Copies(Vec<JoinHandle<()>>);
@@ -121,35 +117,14 @@ impl Service {
         if started.wait_for(|s| *s).await.is_err() {
             return;
         }
-        let stopped = self
-            .with_proc(&id, exec.as_ref(), |p| Ok(p.state == ProcState::Stopped))
-            .unwrap_or(true);
-        if stopped {
+        let claimed = self
+            .with_proc(&id, exec.as_ref(), |p| Ok(p.claim_exit()))
+            .unwrap_or(false);
+        if !claimed {
             return;
         }
-        if oom_killed {
-            // Before the exit, so that the exit can be put down to it.
-            let oom = TaskOOM {
-                container_id: id.to_string(),
-                ..Default::default()
-            };
-            self.publish(TASK_OOM_EVENT_TOPIC, Box::new(oom)).await;
-        }
-        // Published before the exit is visible to Wait and State, so that
-        // containerd has it before any delete that follows a Wait.
-        let ev = TaskExit {
-            container_id: id.to_string(),
-            id: event_id(&id, exec.as_ref()),
-            pid: self.vmm_pid(),
-            exit_status: status,
-            exited_at: MessageField::some(ts(at)),
-            ..Default::default()
-        };
-        self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
-        let _ = self.with_proc(&id, exec.as_ref(), |p| {
-            p.exited(Exit { status, at });
-            Ok(())
-        });
+        self.publish_exit(&id, exec.as_ref(), Exit { status, at }, oom_killed)
+            .await;
         tracing::info!(sandbox = %self.sandbox(), container = %id, exec = ?exec.as_ref().map(Id::as_str), status, "exited");
     }
 }

@@ -47,9 +47,10 @@ impl MountedRootfs {
         Ok(m)
     }
 
-    /// Leaves the mounts in place (the container now owns them).
-    fn keep(mut self) -> bool {
-        std::mem::take(&mut self.layers) > 0
+    /// Leaves the mounts in place (the container now owns them); returns
+    /// how many layers there are.
+    fn keep(mut self) -> usize {
+        std::mem::take(&mut self.layers)
     }
 }
 
@@ -130,7 +131,8 @@ impl Service {
             id.clone(),
             Container {
                 bundle: bundle.clone(),
-                rootfs_mounted: false,
+                rootfs_layers: 0,
+                creating: true,
                 init: Proc::new(stdio.clone(), None),
                 execs: HashMap::new(),
             },
@@ -142,9 +144,10 @@ impl Service {
             }
             return Err(e.context(format!("task {id}: stdio")));
         }
-        let kept = mounted.keep();
+        let layers = mounted.keep();
         if let Ok(c) = self.s.table.lock().unwrap().container(&id) {
-            c.rootfs_mounted = kept;
+            c.rootfs_layers = layers;
+            c.creating = false;
         }
         let ev = TaskCreate {
             container_id: id.to_string(),

@@ -9,7 +9,7 @@ use containerd_shim::protos::events::task::TaskDelete;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics::TASK_DELETE_EVENT_TOPIC;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::service::{ts, Service, SANDBOX_POINTER};
 use crate::table::Exit;
 
@@ -19,10 +19,18 @@ impl Service {
             "{id}{}",
             exec.as_ref().map(|e| format!("/{e}")).unwrap_or_default()
         );
-        let exit = self.with_proc(&id, exec.as_ref(), |p| {
+        let exit = {
+            let mut table = self.s.table.lock().unwrap();
+            if exec.is_none() && table.container(&id)?.creating {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot delete {id}: it is being created"
+                )));
+            }
+            let p = table.proc(&id, exec.as_ref())?;
             p.state.can_delete(&name)?;
-            Ok(*p.exit.borrow())
-        })?;
+            let exit = *p.exit.borrow();
+            exit
+        };
         let exit = exit.unwrap_or(Exit {
             status: 0,
             at: SystemTime::now(),
@@ -40,10 +48,11 @@ impl Service {
                 }
                 let c = self.s.table.lock().unwrap().containers.remove(&id);
                 if let Some(c) = c {
-                    if c.rootfs_mounted {
+                    for _ in 0..c.rootfs_layers {
                         let _ = nix::mount::umount2(
                             &c.bundle.join("rootfs"),
-                            nix::mount::MntFlags::MNT_DETACH,
+                            nix::mount::MntFlags::MNT_DETACH
+                                | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
                         );
                     }
                     let _ = std::fs::remove_file(c.bundle.join(SANDBOX_POINTER));

@@ -154,7 +154,12 @@ pub async fn copy_in(
         tokio::select! {
             r = src.read(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => if stream.write_all(&buf[..n]).await.is_err() { return },
+                // A guest that stops reading must not keep this task (and
+                // the fifo) past CloseIO.
+                Ok(n) => tokio::select! {
+                    w = stream.write_all(&buf[..n]) => if w.is_err() { return },
+                    _ = &mut close => break,
+                },
             },
             _ = &mut close => {
                 // Forward what is already in the fifo, then end.

@@ -1,22 +1,26 @@
 //! Watching the pod: the VM's death (every process exits 255) and the
 //! guest's OOM reports, which are accepted only for containers of the table.
 
-use std::time::{Duration, SystemTime};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
 
-use cocoon_protocols::Error;
+use cocoon_protocols::{Error, Id};
 use cocoon_runtime::Channel;
-use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
-use containerd_shim::protos::protobuf::MessageField;
-use containerd_shim::protos::topics::{TASK_EXIT_EVENT_TOPIC, TASK_OOM_EVENT_TOPIC};
+use containerd_shim::protos::events::task::TaskOOM;
+use containerd_shim::protos::topics::TASK_OOM_EVENT_TOPIC;
 
-use crate::service::{ts, Service, EXIT_VM_DIED};
-use crate::table::{event_id, Exit};
+use crate::service::{Service, EXIT_VM_DIED};
+use crate::table::Exit;
 
 /// How often the VM process is checked.
 const VM_POLL: Duration = Duration::from_millis(500);
-/// The pause after an OOM report that is dropped or failed: a guest that
-/// answers the long-poll at once, again and again, cannot spin the shim.
+/// The pause after every OOM report: a guest that answers the long-poll at
+/// once, again and again, cannot spin the shim.
 const OOM_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one TaskOOM per container per interval reaches containerd.
+const OOM_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Dropped reports are logged at most once per interval, with a count.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub(crate) fn spawn(svc: Service, channel: Channel) {
     tokio::spawn(oom_events(svc.clone(), channel));
@@ -24,28 +28,48 @@ pub(crate) fn spawn(svc: Service, channel: Channel) {
 }
 
 async fn oom_events(svc: Service, channel: Channel) {
+    let mut last: HashMap<Id, Instant> = HashMap::new();
+    let mut dropped = 0u64;
+    let mut logged: Option<Instant> = None;
     loop {
         match channel.next_oom().await {
             Ok(Some(id)) => {
                 let ours = svc.s.table.lock().unwrap().containers.contains_key(&id);
-                if ours {
+                let now = Instant::now();
+                let due = last
+                    .get(&id)
+                    .is_none_or(|t| now.duration_since(*t) >= OOM_MIN_INTERVAL);
+                if ours && due {
+                    last.insert(id.clone(), now);
                     let e = TaskOOM {
                         container_id: id.to_string(),
                         ..Default::default()
                     };
                     svc.publish(TASK_OOM_EVENT_TOPIC, Box::new(e)).await;
-                    continue;
+                } else {
+                    dropped += 1;
                 }
-                tracing::warn!(sandbox = %svc.sandbox(), "OOM event for unknown container {id} dropped");
             }
-            Ok(None) => {}
+            Ok(None) => dropped += 1,
             Err(Error::Unavailable(_)) => return,
             Err(e) => {
                 tracing::debug!(sandbox = %svc.sandbox(), "OOM events: {e}");
-                if svc.s.info.lock().unwrap().is_none() {
+                if svc.vm_dead() {
                     return;
                 }
             }
+        }
+        if dropped > 0 && logged.is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL) {
+            tracing::warn!(
+                sandbox = %svc.sandbox(),
+                "{dropped} OOM reports from the guest dropped (no such container of this pod, or too frequent)"
+            );
+            dropped = 0;
+            logged = Some(Instant::now());
+        }
+        if last.len() > 1024 {
+            let table = svc.s.table.lock().unwrap();
+            last.retain(|k, _| table.containers.contains_key(k));
         }
         tokio::time::sleep(OOM_BACKOFF).await;
     }
@@ -65,26 +89,18 @@ async fn watch_vm(svc: Service) {
     }
 }
 
-/// Marks every process exited (created ones too, so that every `Wait`
-/// returns) and tells containerd.
+/// Ends every process (created ones too, so that every `Wait` returns;
+/// those being started are ended by their Start) and tells containerd.
 pub(crate) async fn vm_died(svc: &Service) {
-    let pid = svc.vmm_pid();
-    let now = SystemTime::now();
+    if let Some(info) = svc.s.info.lock().unwrap().as_mut() {
+        info.dead = true;
+    }
     let exit = Exit {
         status: EXIT_VM_DIED,
-        at: now,
+        at: SystemTime::now(),
     };
-    let exited = svc.s.table.lock().unwrap().all_exited(exit);
-    *svc.s.info.lock().unwrap() = None;
-    for (id, exec) in exited {
-        let e = TaskExit {
-            container_id: id.to_string(),
-            id: event_id(&id, exec.as_ref()),
-            pid,
-            exit_status: EXIT_VM_DIED,
-            exited_at: MessageField::some(ts(now)),
-            ..Default::default()
-        };
-        svc.publish(TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
+    let ended = svc.s.table.lock().unwrap().claim_all_exits();
+    for (id, exec) in ended {
+        svc.publish_exit(&id, exec.as_ref(), exit, false).await;
     }
 }

@@ -2,10 +2,10 @@
 //! every operation shares. The operations live one per file (`create`,
 //! `start`, `delete`, `process`), the `Task` trampolines in `task`.
 //!
-//! Two locks, each with one job: `pod` owns the VM (boot, container
-//! create/remove, stop) and is held across those awaits only; `table` holds
-//! the process table and the pod's identity, and is never held across an
-//! await.
+//! Three locks, each with one job: `pod` owns the VM (boot, container
+//! create/remove, stop) and is held across those awaits only; `info` is the
+//! booted pod's identity and liveness; `table` is the process table. The
+//! last two are never held across an await.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,13 +14,16 @@ use std::time::SystemTime;
 use cocoon_protocols::Id;
 use cocoon_runtime::{Channel, Container};
 use containerd_shim::protos::api;
+use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::topics::{TASK_EXIT_EVENT_TOPIC, TASK_OOM_EVENT_TOPIC};
 use containerd_shim::ExitSignal;
 
 use crate::error::{Error, Result};
 use crate::pod::{Events, Launcher, PodHandle};
-use crate::table::{Proc, Table};
+use crate::table::{event_id, Exit, Proc, Table};
 
 /// Name of the file in each bundle that points at the pod's state directory,
 /// for the `delete` cleanup of a shim that died.
@@ -31,12 +34,18 @@ const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// Exit status of every process when the VM dies under them.
 pub const EXIT_VM_DIED: u32 = 255;
 
-/// The running pod, once booted.
+/// Exit status of a process whose start failed.
+pub const EXIT_START_FAILED: u32 = 255;
+
+/// The pod, once booted.
 #[derive(Clone)]
 pub(crate) struct PodInfo {
     pub sandbox_id: Id,
     pub channel: Channel,
+    /// Kept after the VM died: containerd still asks for the task pid.
     pub vmm_pid: u32,
+    /// The VM has died.
+    pub dead: bool,
 }
 
 pub(crate) struct Shared {
@@ -110,13 +119,43 @@ impl Service {
     }
 
     fn channel(&self) -> Result<Channel> {
-        self.s
-            .info
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|i| i.channel.clone())
-            .ok_or_else(|| Error::FailedPrecondition("the pod VM is not running".into()))
+        match self.s.info.lock().unwrap().as_ref() {
+            Some(i) if !i.dead => Ok(i.channel.clone()),
+            Some(_) => Err(Error::Unavailable("the pod VM has died".into())),
+            None => Err(Error::FailedPrecondition(
+                "the pod VM is not running".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn vm_dead(&self) -> bool {
+        self.s.info.lock().unwrap().as_ref().is_some_and(|i| i.dead)
+    }
+
+    /// Publishes a process's exit (after its OOM kill, if any), then makes
+    /// it visible to Wait and State, so that containerd has the event before
+    /// any Delete that follows a Wait. The caller has claimed the exit.
+    pub(crate) async fn publish_exit(&self, id: &Id, exec: Option<&Id>, exit: Exit, oom: bool) {
+        if oom {
+            let e = TaskOOM {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            self.publish(TASK_OOM_EVENT_TOPIC, Box::new(e)).await;
+        }
+        let e = TaskExit {
+            container_id: id.to_string(),
+            id: event_id(id, exec),
+            pid: self.vmm_pid(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(ts(exit.at)),
+            ..Default::default()
+        };
+        self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
+        let _ = self.with_proc(id, exec, |p| {
+            p.exited(exit);
+            Ok(())
+        });
     }
 
     /// Runs `f` on a process of the table.
@@ -144,10 +183,10 @@ impl Service {
     ) -> Result<PodInfo> {
         let mut pod = self.s.pod.lock().await;
         if pod.is_some() {
-            if let Some(info) = self.s.info.lock().unwrap().clone() {
-                return Ok(info);
-            }
-            return Err(Error::Unavailable("the pod VM has died".into()));
+            return match self.s.info.lock().unwrap().clone() {
+                Some(info) if !info.dead => Ok(info),
+                _ => Err(Error::Unavailable("the pod VM has died".into())),
+            };
         }
         let opts = crate::options::decode(req.options.as_ref())
             .map_err(|e| Error::InvalidArgument(format!("task {}: {e}", req.id)))?;
@@ -175,6 +214,7 @@ impl Service {
             sandbox_id,
             channel: sandbox.channel(),
             vmm_pid: sandbox.vmm_pid(),
+            dead: false,
         };
         *self.s.info.lock().unwrap() = Some(info.clone());
         let _ = std::fs::write(

@@ -10,7 +10,7 @@ use containerd_shim::protos::events::task::{TaskExecStarted, TaskStart};
 use containerd_shim::protos::topics::{TASK_EXEC_STARTED_EVENT_TOPIC, TASK_START_EVENT_TOPIC};
 
 use crate::error::Result;
-use crate::service::{Service, EXIT_VM_DIED};
+use crate::service::{Service, EXIT_START_FAILED, EXIT_VM_DIED};
 use crate::state::ProcState;
 use crate::table::Exit;
 
@@ -22,7 +22,7 @@ impl Service {
         );
         let c = self.known(&id, exec.as_ref())?;
         let (spec, stdio) = self.with_proc(&id, exec.as_ref(), |p| {
-            p.state.start(&name)?;
+            p.state = p.state.start(&name)?;
             Ok((p.exec_spec.clone(), p.stdio.clone()))
         })?;
         let result = match &exec {
@@ -41,13 +41,17 @@ impl Service {
             },
         };
         if let Err(e) = result {
-            let _ = self.with_proc(&id, exec.as_ref(), |p| {
-                p.exited(Exit {
-                    status: EXIT_VM_DIED,
+            // Nothing runs: the process ends here, so every Wait returns.
+            let claimed = self
+                .with_proc(&id, exec.as_ref(), |p| Ok(p.claim_exit()))
+                .unwrap_or(false);
+            if claimed {
+                let exit = Exit {
+                    status: EXIT_START_FAILED,
                     at: SystemTime::now(),
-                });
-                Ok(())
-            });
+                };
+                self.publish_exit(&id, exec.as_ref(), exit, false).await;
+            }
             return Err(e);
         }
         self.with_proc(&id, exec.as_ref(), |p| {
@@ -82,6 +86,20 @@ impl Service {
             p.started.send_replace(true);
             Ok(())
         })?;
+        // The VM died while this start was in flight: the monitor left the
+        // process to us.
+        if self.vm_dead() {
+            let claimed = self
+                .with_proc(&id, exec.as_ref(), |p| Ok(p.claim_exit()))
+                .unwrap_or(false);
+            if claimed {
+                let exit = Exit {
+                    status: EXIT_VM_DIED,
+                    at: SystemTime::now(),
+                };
+                self.publish_exit(&id, exec.as_ref(), exit, false).await;
+            }
+        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()

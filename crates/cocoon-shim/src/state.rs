@@ -6,6 +6,8 @@ use containerd_shim_protos::api::Status;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcState {
     Created,
+    /// A Start is in flight: neither startable nor deletable.
+    Starting,
     Running,
     Paused,
     Stopped,
@@ -14,7 +16,7 @@ pub enum ProcState {
 impl ProcState {
     pub fn status(self) -> Status {
         match self {
-            ProcState::Created => Status::CREATED,
+            ProcState::Created | ProcState::Starting => Status::CREATED,
             ProcState::Running => Status::RUNNING,
             ProcState::Paused => Status::PAUSED,
             ProcState::Stopped => Status::STOPPED,
@@ -30,7 +32,7 @@ impl ProcState {
 
     pub fn start(self, id: &str) -> Result<Self> {
         match self {
-            ProcState::Created => Ok(ProcState::Running),
+            ProcState::Created => Ok(ProcState::Starting),
             s => Err(s.refuse("start", id)),
         }
     }
@@ -73,7 +75,7 @@ mod tests {
 
     #[test]
     fn transitions() {
-        assert_eq!(Created.start("c").unwrap(), Running);
+        assert_eq!(Created.start("c").unwrap(), Starting);
         assert_eq!(Running.pause("c").unwrap(), Paused);
         assert_eq!(Paused.resume("c").unwrap(), Running);
         assert!(Running.can_exec("c").is_ok());
@@ -85,6 +87,8 @@ mod tests {
     fn refusals_are_failed_precondition() {
         for e in [
             Running.start("c").unwrap_err(),
+            Starting.start("c").unwrap_err(),
+            Starting.can_delete("c").unwrap_err(),
             Stopped.pause("c").unwrap_err(),
             Running.resume("c").unwrap_err(),
             Stopped.can_exec("c").unwrap_err(),

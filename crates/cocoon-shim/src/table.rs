@@ -38,6 +38,9 @@ pub struct Proc {
     /// Set once TaskStart (or TaskExecStarted) is published: a fast process's
     /// TaskExit must not overtake it.
     pub started: watch::Sender<bool>,
+    /// One path (the waiter, the VM-death monitor, a failed start) has
+    /// claimed the exit: it alone publishes TaskExit, then records it.
+    pub exit_claimed: bool,
 }
 
 impl Proc {
@@ -49,7 +52,14 @@ impl Proc {
             exit: watch::channel(None).0,
             close_stdin: None,
             started: watch::channel(false).0,
+            exit_claimed: false,
         }
+    }
+
+    /// Claims the right to publish this process's exit; false if another
+    /// path has it.
+    pub fn claim_exit(&mut self) -> bool {
+        !std::mem::replace(&mut self.exit_claimed, true)
     }
 
     /// Records the exit (the first one wins) and marks the process stopped.
@@ -72,8 +82,10 @@ impl Proc {
 
 pub struct Container {
     pub bundle: PathBuf,
-    /// The bundle's rootfs was mounted by this shim (undone at delete).
-    pub rootfs_mounted: bool,
+    /// Layers this shim mounted on the bundle's rootfs (undone at delete).
+    pub rootfs_layers: usize,
+    /// Create has not returned yet: the container cannot be deleted.
+    pub creating: bool,
     pub init: Proc,
     pub execs: HashMap<Id, Proc>,
 }
@@ -104,15 +116,16 @@ impl Table {
         }
     }
 
-    /// Marks every process that has not exited as exited with `exit`
-    /// (created ones too: their `Wait` must return); returns them.
-    pub fn all_exited(&mut self, exit: Exit) -> Vec<ProcKey> {
+    /// Claims the exit of every process whose exit no one has claimed,
+    /// created ones too (their `Wait` must return), but not those being
+    /// started (their Start ends them); returns them.
+    pub fn claim_all_exits(&mut self) -> Vec<ProcKey> {
         let mut out = Vec::new();
         for (id, c) in self.containers.iter_mut() {
             let procs = std::iter::once((None, &mut c.init))
                 .chain(c.execs.iter_mut().map(|(k, v)| (Some(k.clone()), v)));
             for (eid, p) in procs {
-                if p.exited(exit) {
+                if p.state != ProcState::Starting && p.claim_exit() {
                     out.push((id.clone(), eid));
                 }
             }

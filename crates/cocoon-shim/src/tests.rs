@@ -503,3 +503,44 @@ async fn invalid_ids_are_refused_before_anything_is_created() {
         "no VM booted"
     );
 }
+
+#[tokio::test]
+async fn a_failed_start_ends_the_process_with_an_exit_event_and_wait_returns() {
+    let e = env();
+    e.create("c1", &["sleep"]).await.unwrap();
+    Task::start(&e.svc, &tctx(), start_req("c1")).await.unwrap();
+    // The guest refuses this exec (its process spec is not JSON).
+    let req = api::ExecProcessRequest {
+        id: "c1".into(),
+        exec_id: "x1".into(),
+        spec: MessageField::some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: b"{not json".to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Task::exec(&e.svc, &tctx(), req).await.unwrap();
+    let start = api::StartRequest {
+        id: "c1".into(),
+        exec_id: "x1".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(Task::start(&e.svc, &tctx(), start.clone()).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), e.wait("c1", "x1"))
+        .await
+        .expect("Wait on a process whose start failed returns");
+    assert_eq!(status, 255);
+    assert_eq!(
+        code(Task::start(&e.svc, &tctx(), start).await),
+        ttrpc::Code::FAILED_PRECONDITION,
+        "a stopped process cannot be started again"
+    );
+    let topics = e.topics();
+    let exits = topics.iter().filter(|t| *t == TASK_EXIT_EVENT_TOPIC).count();
+    assert_eq!(exits, 1, "{topics:?}");
+    assert!(!topics.contains(&TASK_EXEC_STARTED_EVENT_TOPIC.to_string()));
+}

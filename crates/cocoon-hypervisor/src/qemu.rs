@@ -290,15 +290,7 @@ impl Hypervisor for Qemu {
             match vm.qmp().await {
                 Ok(q) => break q,
                 Err(e) if tokio::time::Instant::now() < deadline => {
-                    if let Some(q) = vm.qemu.as_mut() {
-                        if let Some(status) = q.try_exited() {
-                            return Err(Error::EarlyExit {
-                                what: "QEMU",
-                                status,
-                                log: q.last_words(20),
-                            });
-                        }
-                    }
+                    vm.exited_early()?;
                     tracing::trace!("QMP not ready: {e}");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -310,15 +302,7 @@ impl Hypervisor for Qemu {
             source,
         })?;
         tracing::debug!(pid = vm.pid, %status, "QEMU running");
-        if let Some(q) = vm.qemu.as_mut() {
-            if let Some(status) = q.try_exited() {
-                return Err(Error::EarlyExit {
-                    what: "QEMU",
-                    status,
-                    log: q.last_words(20),
-                });
-            }
-        }
+        vm.exited_early()?;
         Ok(Box::new(vm))
     }
 }
@@ -336,6 +320,20 @@ pub struct QemuVm {
 }
 
 impl QemuVm {
+    /// An error with QEMU's last words if it has already exited.
+    fn exited_early(&mut self) -> Result<()> {
+        if let Some(q) = self.qemu.as_mut() {
+            if let Some(status) = q.try_exited() {
+                return Err(Error::EarlyExit {
+                    what: "QEMU",
+                    status,
+                    log: q.last_words(20),
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn qmp(&self) -> Result<Qmp> {
         Qmp::connect(&self.qmp_path, QMP_TIMEOUT)
             .await

@@ -37,22 +37,38 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub const MAX_PEER_MESSAGE: usize = 1024;
 
 /// Text from the guest made fit for a log line or an error message: at most
-/// `max` bytes, control characters (line breaks, terminal escapes) escaped,
-/// so that a guest can neither forge log lines nor grow them without bound.
+/// about `max` bytes (the head and the tail, where the cause usually is),
+/// control characters (line breaks, terminal escapes) escaped, so that a
+/// guest can neither forge log lines nor grow them without bound.
 pub fn peer_text(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max));
-    for c in s.chars() {
-        if out.len() >= max {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+    let escaped: String = s
+        .chars()
+        .flat_map(|c| {
+            let e: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            e
+        })
+        .collect();
+    if escaped.len() <= max {
+        return escaped;
     }
-    out
+    let mut head = max / 2;
+    while !escaped.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = escaped.len() - max / 2;
+    while !escaped.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} [{} bytes cut] {}",
+        &escaped[..head],
+        tail - head,
+        &escaped[tail..]
+    )
 }
 
 impl Error {
@@ -187,13 +203,17 @@ mod tests {
 
     #[test]
     fn peer_messages_are_bounded_and_cannot_forge_lines() {
-        let forged = format!("oops\n2026-01-01 INFO forged{}", "x".repeat(10_000));
+        let forged = format!(
+            "oops\n2026-01-01 INFO forged{}: not found",
+            "x".repeat(10_000)
+        );
         let e = Error::from_ttrpc(
             "exec",
             ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, forged)),
         );
         assert!(!e.message().contains('\n'));
         assert!(e.message().starts_with("exec: oops\\n2026"));
+        assert!(e.message().ends_with("xx: not found"), "the tail is kept");
         assert!(
             e.message().len() < MAX_PEER_MESSAGE + 64,
             "{}",

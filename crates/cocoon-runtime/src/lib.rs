@@ -122,6 +122,9 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 /// Default timeout of short agent calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one attempt to reach the booting agent may take.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+
 /// How long the guest has to accept a stdio stream.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -405,14 +408,19 @@ async fn connect_agent(
                 console: vm.console_tail(30),
             });
         }
+        // Nothing listening is refused at once; an answer slower than
+        // this is a loaded host, and abandoning it would only start the
+        // guest's handshake over (under TCG on a busy host, for ever).
+        let wait =
+            CONNECT_ATTEMPT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let attempt = tokio::time::timeout(
-            Duration::from_millis(500),
+            wait.max(Duration::from_millis(100)),
             vm.vsock().connect(cocoon_protocols::AGENT_PORT),
         )
         .await;
         match &attempt {
             Ok(Err(e)) => last = format!("connect: {e}"),
-            Err(_) => last = "connect: no answer in 500ms".into(),
+            Err(_) => last = format!("connect: no answer in {wait:?}"),
             Ok(Ok(_)) => {}
         }
         if let Ok(Ok(stream)) = attempt {

@@ -42,16 +42,7 @@ impl Service {
         };
         if let Err(e) = result {
             // Nothing runs: the process ends here, so every Wait returns.
-            let claimed = self
-                .with_proc(&id, exec.as_ref(), |p| Ok(p.claim_exit()))
-                .unwrap_or(false);
-            if claimed {
-                let exit = Exit {
-                    status: EXIT_START_FAILED,
-                    at: SystemTime::now(),
-                };
-                self.publish_exit(&id, exec.as_ref(), exit, false).await;
-            }
+            self.end(&id, exec.as_ref(), EXIT_START_FAILED).await;
             return Err(e);
         }
         self.with_proc(&id, exec.as_ref(), |p| {
@@ -89,20 +80,26 @@ impl Service {
         // The VM died while this start was in flight: the monitor left the
         // process to us.
         if self.vm_dead() {
-            let claimed = self
-                .with_proc(&id, exec.as_ref(), |p| Ok(p.claim_exit()))
-                .unwrap_or(false);
-            if claimed {
-                let exit = Exit {
-                    status: EXIT_VM_DIED,
-                    at: SystemTime::now(),
-                };
-                self.publish_exit(&id, exec.as_ref(), exit, false).await;
-            }
+            self.end(&id, exec.as_ref(), EXIT_VM_DIED).await;
         }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
         })
+    }
+
+    /// Ends a process with `status` now, unless another path has claimed
+    /// its exit.
+    async fn end(&self, id: &Id, exec: Option<&Id>, status: u32) {
+        let claimed = self
+            .with_proc(id, exec, |p| Ok(p.claim_exit()))
+            .unwrap_or(false);
+        if claimed {
+            let exit = Exit {
+                status,
+                at: SystemTime::now(),
+            };
+            self.publish_exit(id, exec, exit, false).await;
+        }
     }
 }

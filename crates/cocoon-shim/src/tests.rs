@@ -540,7 +540,10 @@ async fn a_failed_start_ends_the_process_with_an_exit_event_and_wait_returns() {
         "a stopped process cannot be started again"
     );
     let topics = e.topics();
-    let exits = topics.iter().filter(|t| *t == TASK_EXIT_EVENT_TOPIC).count();
+    let exits = topics
+        .iter()
+        .filter(|t| *t == TASK_EXIT_EVENT_TOPIC)
+        .count();
     assert_eq!(exits, 1, "{topics:?}");
     assert!(!topics.contains(&TASK_EXEC_STARTED_EVENT_TOPIC.to_string()));
 }

@@ -123,7 +123,7 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long one attempt to reach the booting agent may take.
-const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+const CONNECT_ATTEMPT: Duration = Duration::from_millis(500);
 
 /// How long the guest has to accept a stdio stream.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -408,9 +408,9 @@ async fn connect_agent(
                 console: vm.console_tail(30),
             });
         }
-        // Nothing listening is refused at once; an answer slower than
-        // this is a loaded host, and abandoning it would only start the
-        // guest's handshake over (under TCG on a busy host, for ever).
+        // A short attempt, as before this change: an attempt left pending
+        // for seconds while the guest's vsock comes up made later ones hang
+        // (seen in the suite; see the closing note of the hostile-guest work).
         let wait =
             CONNECT_ATTEMPT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let attempt = tokio::time::timeout(

@@ -340,6 +340,11 @@ fn silent_guest_times_out_cleanly() {
         "{}",
         stderr(&o)
     );
+    assert!(
+        stderr(&o).contains("last lines of the helper daemons:\n[virtiofsd]"),
+        "the report carries the daemons' logs: {}",
+        stderr(&o)
+    );
     assert!(took < Duration::from_secs(8 + 15), "took {took:?}");
 }
 

@@ -163,6 +163,9 @@ pub trait Vm: Send + Sync {
     /// bounded amount ([`TAIL_MAX_BYTES`]) whatever `lines` is; control
     /// characters the guest printed are replaced.
     fn console_tail(&self, lines: usize) -> String;
+    /// The last lines of each helper daemon's log, for error reports
+    /// (bounded like [`Vm::console_tail`]).
+    fn daemons_tail(&self, lines: usize) -> String;
     /// Stops the VM: waits up to `grace` for the VMM to exit (the guest was
     /// asked to power off), then quits or kills it; then stops the helper
     /// daemons. Every process is reaped, and every log thread joined, when

@@ -92,6 +92,11 @@ impl Daemon {
         })
     }
 
+    /// The last `n` lines of the log of a running daemon, as drained so far.
+    pub fn log_tail(&self, n: usize) -> String {
+        self.log.tail(n)
+    }
+
     /// The last `n` lines of the log of a daemon that has exited: what it
     /// wrote before exiting is drained first.
     pub fn last_words(&mut self, n: usize) -> String {

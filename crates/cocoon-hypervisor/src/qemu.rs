@@ -394,6 +394,14 @@ impl Vm for QemuVm {
             .map_or(Some("not started".into()), Daemon::try_exited)
     }
 
+    fn daemons_tail(&self, lines: usize) -> String {
+        self.helpers
+            .iter()
+            .map(|d| format!("[{}]\n{}", d.what, d.log_tail(lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn console_tail(&self, lines: usize) -> String {
         self.console
             .as_ref()

@@ -34,13 +34,14 @@ pub enum Error {
         #[source]
         source: cocoon_hypervisor::Error,
     },
-    #[error("sandbox {id}: the guest agent did not answer within {timeout:?} ({attempts} attempts, the last: {last}); last console lines:\n{console}")]
+    #[error("sandbox {id}: the guest agent did not answer within {timeout:?} ({attempts} attempts, the last: {last}); last console lines:\n{console}\nlast lines of the helper daemons:\n{daemons}")]
     BootTimeout {
         id: String,
         timeout: Duration,
         attempts: u32,
         last: String,
         console: String,
+        daemons: String,
     },
     #[error("sandbox {id}: the VM exited during boot ({status}); last console lines:\n{console}")]
     VmExited {
@@ -451,6 +452,7 @@ async fn connect_agent(
                 attempts,
                 last,
                 console: vm.console_tail(30),
+                daemons: vm.daemons_tail(15),
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -174,6 +174,31 @@ async fn attack(sandbox: &mut Sandbox, w: &World, id: &str, script: &str) -> Str
     out
 }
 
+/// A tmpfs on a host directory, unmounted when dropped (also when an
+/// assertion fails half-way).
+struct HostTmpfs(PathBuf);
+
+impl HostTmpfs {
+    fn mount(path: &Path) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for HostTmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 fn is_mounted(path: &Path) -> bool {
     let p = path.to_string_lossy();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -192,15 +217,7 @@ async fn a_guest_cannot_redirect_teardown_onto_a_host_mount() {
     let w = World::new();
     // A host mount point the attacker aims teardown at.
     let target = w.tmp.path().join("host-victim");
-    std::fs::create_dir_all(target.join("rootfs")).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &target.join("rootfs"),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    let host_mount = HostTmpfs::mount(&target.join("rootfs"));
     std::fs::write(target.join("rootfs/precious"), "host data").unwrap();
 
     let mut sandbox = w.start("hostile-share").await;
@@ -273,7 +290,7 @@ echo attack-done
         std::fs::read_to_string(target.join("rootfs/precious")).unwrap(),
         "host data"
     );
-    nix::mount::umount2(&target.join("rootfs"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    drop(host_mount);
     w.assert_clean();
 }
 

@@ -155,8 +155,14 @@ fn init_logging(args: &Flags) {
 /// file is acted on only if it names `<state_dir>/<valid sandbox id>` of
 /// the configured state directory.
 async fn cleanup_dead_shim(bundle: &Path) {
+    // Every layer Create mounted on the bundle's rootfs (a few at most).
     let rootfs = bundle.join("rootfs");
-    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    let flags = nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW;
+    for _ in 0..16 {
+        if nix::mount::umount2(&rootfs, flags).is_err() {
+            break;
+        }
+    }
     let pointer = bundle.join(service::SANDBOX_POINTER);
     let Ok(run_dir) = std::fs::read_to_string(&pointer) else {
         return;

@@ -63,9 +63,7 @@ impl Proc {
     }
 
     /// Records the exit (the first one wins) and marks the process stopped.
-    /// Returns whether this call stopped it.
-    pub fn exited(&mut self, exit: Exit) -> bool {
-        let was_stopped = self.state == ProcState::Stopped;
+    pub fn exited(&mut self, exit: Exit) {
         self.state = ProcState::Stopped;
         self.close_stdin.take();
         self.exit.send_if_modified(|e| {
@@ -76,7 +74,6 @@ impl Proc {
                 false
             }
         });
-        !was_stopped
     }
 }
 

@@ -88,6 +88,41 @@ impl Env {
             .exit_status
     }
 
+    async fn start(&self, id: &str, exec: &str) -> ttrpc::Result<api::StartResponse> {
+        let req = api::StartRequest {
+            id: id.into(),
+            exec_id: exec.into(),
+            ..Default::default()
+        };
+        Task::start(&self.svc, &tctx(), req).await
+    }
+
+    async fn state(&self, id: &str, exec: &str) -> ttrpc::Result<api::StateResponse> {
+        let req = api::StateRequest {
+            id: id.into(),
+            exec_id: exec.into(),
+            ..Default::default()
+        };
+        Task::state(&self.svc, &tctx(), req).await
+    }
+
+    async fn kill(&self, id: &str, signal: u32) -> ttrpc::Result<api::Empty> {
+        let req = api::KillRequest {
+            id: id.into(),
+            signal,
+            ..Default::default()
+        };
+        Task::kill(&self.svc, &tctx(), req).await
+    }
+
+    async fn delete(&self, id: &str) -> ttrpc::Result<api::DeleteResponse> {
+        let req = api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        Task::delete(&self.svc, &tctx(), req).await
+    }
+
     fn topics(&self) -> Vec<String> {
         self.events.topics.lock().unwrap().clone()
     }
@@ -105,11 +140,7 @@ async fn lifecycle_publishes_events_in_order_and_output_before_exit() {
     let e = env();
     let created = e.create("c1", &["exit", "3"]).await.unwrap();
     assert_eq!(created.pid, 4242, "task pid is the VMM's");
-    let start = api::StartRequest {
-        id: "c1".into(),
-        ..Default::default()
-    };
-    Task::start(&e.svc, &tctx(), start).await.unwrap();
+    e.start("c1", "").await.unwrap();
     let (a, b) = tokio::join!(e.wait("c1", ""), e.wait("c1", ""));
     assert_eq!((a, b), (3, 3), "every waiter gets the status");
     let out = std::fs::read_to_string(e.dir.path().join("c1.out")).unwrap();
@@ -117,28 +148,10 @@ async fn lifecycle_publishes_events_in_order_and_output_before_exit() {
         out, "out:c1/\n",
         "output reached its destination before the exit"
     );
-    let state = Task::state(
-        &e.svc,
-        &tctx(),
-        api::StateRequest {
-            id: "c1".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let state = e.state("c1", "").await.unwrap();
     assert_eq!(state.status.enum_value().unwrap(), api::Status::STOPPED);
     assert_eq!(state.exit_status, 3);
-    let del = Task::delete(
-        &e.svc,
-        &tctx(),
-        api::DeleteRequest {
-            id: "c1".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let del = e.delete("c1").await.unwrap();
     assert_eq!(del.exit_status, 3);
     assert_eq!(
         e.topics(),
@@ -201,16 +214,7 @@ async fn exec_kill_and_their_errors() {
         code(Task::exec(&e.svc, &tctx(), exec("x1", &["exit", "0"])).await),
         ttrpc::Code::FAILED_PRECONDITION
     );
-    Task::start(
-        &e.svc,
-        &tctx(),
-        api::StartRequest {
-            id: "c1".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    e.start("c1", "").await.unwrap();
     Task::exec(&e.svc, &tctx(), exec("x1", &["exit", "5"]))
         .await
         .unwrap();
@@ -218,60 +222,13 @@ async fn exec_kill_and_their_errors() {
         code(Task::exec(&e.svc, &tctx(), exec("x1", &["true"])).await),
         ttrpc::Code::ALREADY_EXISTS
     );
-    Task::start(
-        &e.svc,
-        &tctx(),
-        api::StartRequest {
-            id: "c1".into(),
-            exec_id: "x1".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    e.start("c1", "x1").await.unwrap();
     assert_eq!(e.wait("c1", "x1").await, 5);
     // A running init cannot be deleted; killed, it reports 128 + 9.
-    assert_eq!(
-        code(
-            Task::delete(
-                &e.svc,
-                &tctx(),
-                api::DeleteRequest {
-                    id: "c1".into(),
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
-        ttrpc::Code::FAILED_PRECONDITION
-    );
-    Task::kill(
-        &e.svc,
-        &tctx(),
-        api::KillRequest {
-            id: "c1".into(),
-            signal: 9,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    assert_eq!(code(e.delete("c1").await), ttrpc::Code::FAILED_PRECONDITION);
+    e.kill("c1", 9).await.unwrap();
     assert_eq!(e.wait("c1", "").await, 137);
-    assert_eq!(
-        code(
-            Task::kill(
-                &e.svc,
-                &tctx(),
-                api::KillRequest {
-                    id: "c1".into(),
-                    signal: 9,
-                    ..Default::default()
-                }
-            )
-            .await
-        ),
-        ttrpc::Code::NOT_FOUND
-    );
+    assert_eq!(code(e.kill("c1", 9).await), ttrpc::Code::NOT_FOUND);
     let topics = e.topics();
     assert!(
         topics.contains(&TASK_EXEC_ADDED_EVENT_TOPIC.to_string())
@@ -283,15 +240,7 @@ async fn exec_kill_and_their_errors() {
 #[tokio::test]
 async fn bad_requests_get_their_codes() {
     let e = env();
-    let st = Task::state(
-        &e.svc,
-        &tctx(),
-        api::StateRequest {
-            id: "nope".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let st = e.state("nope", "").await;
     assert_eq!(code(st), ttrpc::Code::NOT_FOUND);
     let cp = Task::checkpoint(
         &e.svc,
@@ -356,13 +305,6 @@ async fn bad_requests_get_their_codes() {
     assert_eq!(stats.stats.type_url, "io.containerd.cgroups.v1.Metrics");
 }
 
-fn start_req(id: &str) -> api::StartRequest {
-    api::StartRequest {
-        id: id.into(),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn oom_events_are_accepted_only_for_our_containers() {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -395,7 +337,7 @@ async fn a_vm_death_ends_created_and_running_tasks_with_255() {
     let e = env();
     e.create("c1", &["sleep"]).await.unwrap();
     e.create("c2", &["sleep"]).await.unwrap();
-    Task::start(&e.svc, &tctx(), start_req("c2")).await.unwrap();
+    e.start("c2", "").await.unwrap();
     e.launcher
         .dead
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -406,11 +348,7 @@ async fn a_vm_death_ends_created_and_running_tasks_with_255() {
     assert_eq!((created, running), (255, 255));
     // The pod can still be taken down.
     for id in ["c1", "c2"] {
-        let del = api::DeleteRequest {
-            id: id.into(),
-            ..Default::default()
-        };
-        Task::delete(&e.svc, &tctx(), del).await.unwrap();
+        e.delete(id).await.unwrap();
     }
     Task::shutdown(&e.svc, &tctx(), api::ShutdownRequest::default())
         .await
@@ -436,12 +374,8 @@ async fn a_guest_that_never_accepts_a_stream_fails_create_in_time_and_leaves_not
         e.launcher.shared.lock().unwrap().is_empty(),
         "the rootfs share is undone"
     );
-    let st = api::StateRequest {
-        id: "c1".into(),
-        ..Default::default()
-    };
     assert_eq!(
-        code(Task::state(&e.svc, &tctx(), st).await),
+        code(e.state("c1", "").await),
         ttrpc::Code::NOT_FOUND,
         "no container is recorded"
     );
@@ -462,13 +396,8 @@ async fn invalid_ids_are_refused_before_anything_is_created() {
             ttrpc::Code::INVALID_ARGUMENT,
             "{bad:?}"
         );
-        let st = api::StateRequest {
-            id: "valid".into(),
-            exec_id: bad.into(),
-            ..Default::default()
-        };
         assert_eq!(
-            code(Task::state(&e.svc, &tctx(), st).await),
+            code(e.state("valid", bad).await),
             ttrpc::Code::INVALID_ARGUMENT,
             "{bad:?}"
         );
@@ -508,7 +437,7 @@ async fn invalid_ids_are_refused_before_anything_is_created() {
 async fn a_failed_start_ends_the_process_with_an_exit_event_and_wait_returns() {
     let e = env();
     e.create("c1", &["sleep"]).await.unwrap();
-    Task::start(&e.svc, &tctx(), start_req("c1")).await.unwrap();
+    e.start("c1", "").await.unwrap();
     // The guest refuses this exec (its process spec is not JSON).
     let req = api::ExecProcessRequest {
         id: "c1".into(),
@@ -521,13 +450,8 @@ async fn a_failed_start_ends_the_process_with_an_exit_event_and_wait_returns() {
         ..Default::default()
     };
     Task::exec(&e.svc, &tctx(), req).await.unwrap();
-    let start = api::StartRequest {
-        id: "c1".into(),
-        exec_id: "x1".into(),
-        ..Default::default()
-    };
     assert_eq!(
-        code(Task::start(&e.svc, &tctx(), start.clone()).await),
+        code(e.start("c1", "x1").await),
         ttrpc::Code::INVALID_ARGUMENT
     );
     let status = tokio::time::timeout(Duration::from_secs(5), e.wait("c1", "x1"))
@@ -535,7 +459,7 @@ async fn a_failed_start_ends_the_process_with_an_exit_event_and_wait_returns() {
         .expect("Wait on a process whose start failed returns");
     assert_eq!(status, 255);
     assert_eq!(
-        code(Task::start(&e.svc, &tctx(), start).await),
+        code(e.start("c1", "x1").await),
         ttrpc::Code::FAILED_PRECONDITION,
         "a stopped process cannot be started again"
     );

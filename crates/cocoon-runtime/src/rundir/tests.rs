@@ -4,6 +4,7 @@
 //! spaces (mountinfo escapes them), and unmounts and removes it even when
 //! it fails.
 
+use nix::unistd::Pid;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;

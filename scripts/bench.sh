@@ -33,7 +33,7 @@ for flavour in configs/q35.toml configs/microvm.toml; do
   sleep 12
   q=$(pgrep -n -f "qemu-system-x86_64 -name cocoon-run-" || true)
   v=$(pgrep -n -f "virtiofsd --socket-path=/run/cocoon/run-" || true)
-  b=$(pgrep -n -f "vhost-device-vsock --vm guest-cid=3,socket=/run/cocoon/run-" || true)
+  b=$(pgrep -n -f "vhost-device-vsock .*/run/cocoon/run-" || true)
   printf '%-22s idle VM PSS: qemu %s KiB, virtiofsd %s KiB, vhost-device-vsock %s KiB\n' \
     "$(basename "$flavour")" "$(pss "${q:-0}")" "$(pss "${v:-0}")" "$(pss "${b:-0}")"
   wait "$runner"

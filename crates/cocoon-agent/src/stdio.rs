@@ -75,8 +75,23 @@ pub struct ConsoleSocket {
     listener: std::os::unix::net::UnixListener,
 }
 
+/// Where console sockets are made: a short path, so that a socket's path
+/// fits in `sun_path` (108 bytes) whatever the ids (CRI's are 64 hex
+/// digits each; a path built of two did not fit).
+const CONSOLE_DIR: &str = "/run/cocoon/tty";
+
 impl ConsoleSocket {
-    pub fn listen(path: std::path::PathBuf) -> std::io::Result<Self> {
+    /// Listens on a new socket of [`CONSOLE_DIR`].
+    pub fn listen() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(CONSOLE_DIR)?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::path::Path::new(CONSOLE_DIR).join(format!("{n}.sock"));
         let _ = std::fs::remove_file(&path);
         let listener = std::os::unix::net::UnixListener::bind(&path)?;
         Ok(Self { path, listener })

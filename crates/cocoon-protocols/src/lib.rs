@@ -51,6 +51,25 @@ pub const SHARE_TAG: &str = "cocoon";
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARE_DIR: &str = "/run/cocoon/shared";
 
+/// The pod's `/dev/shm` in the guest: a tmpfs of the agent's that every
+/// container of the pod binds (a host tmpfs shared over virtio-fs would
+/// not be shared memory between the guest's processes).
+pub const GUEST_SHM_DIR: &str = "/run/cocoon/shm";
+
+/// The annotations containerd's CRI plugin puts on every container of a
+/// pod, which both sides read.
+pub mod cri {
+    /// `sandbox` for the pod's sandbox (pause) container, `container` for
+    /// the others.
+    pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+    /// The id of the pod's sandbox container.
+    pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+    /// [`CONTAINER_TYPE`] of the sandbox container.
+    pub const TYPE_SANDBOX: &str = "sandbox";
+    /// [`CONTAINER_TYPE`] of a pod's other containers.
+    pub const TYPE_CONTAINER: &str = "container";
+}
+
 /// Which stdio stream a stream connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {

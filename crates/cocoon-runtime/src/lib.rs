@@ -19,7 +19,7 @@ use cocoon_protocols::agent_ttrpc::AgentClient;
 use cocoon_protocols::Id;
 
 pub use container::{Container, ProcessExit};
-pub use rundir::{cleanup_dead, owned_processes, sandbox_id_of, RunDir};
+pub use rundir::{cleanup_dead, owned_processes, sandbox_id_of, Access, RunDir, ShareName};
 
 /// Why a sandbox operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,37 @@ fn e_id(e: &Error) -> &str {
         | Error::Agent { id, .. }
         | Error::Host { id, .. } => id,
         Error::InvalidId(e) => &e.id,
+    }
+}
+
+/// The size of the tmpfs at `path`, if it is one.
+fn tmpfs_size(path: &Path) -> Option<u64> {
+    let st = nix::sys::statfs::statfs(path).ok()?;
+    (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .then(|| st.blocks() * st.block_size() as u64)
+        .map(|size| {
+            if size == 0 {
+                spec::DEFAULT_SHM_SIZE
+            } else {
+                size
+            }
+        })
+}
+
+/// A bind mount source of container `id` that could not be shared: a
+/// missing path is the caller's NotFound, anything else its bad argument.
+fn bind_error(id: &Id, source: &Path, e: Error) -> cocoon_protocols::Error {
+    let missing =
+        matches!(&e, Error::Host { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+    let msg = format!(
+        "container {id}: bind mount source {}: {}",
+        source.display(),
+        error_chain(&e)
+    );
+    if missing {
+        cocoon_protocols::Error::NotFound(msg)
+    } else {
+        cocoon_protocols::Error::InvalidArgument(msg)
     }
 }
 
@@ -254,8 +285,10 @@ impl Sandbox {
     }
 
     /// Creates container `id` in the guest: shares host directory `rootfs`
-    /// as its root filesystem, rewrites `spec` for the guest and creates it
-    /// there. On failure nothing of it is left: the share is undone.
+    /// as its root filesystem and each host bind mount of `spec` (files
+    /// and directories, with the spec's ro/rw), rewrites `spec` for the
+    /// guest and creates it there. On failure nothing of it is left: the
+    /// shares are undone.
     pub async fn create_container(
         &mut self,
         id: &Id,
@@ -263,17 +296,45 @@ impl Sandbox {
         rootfs: &Path,
         terminal: bool,
     ) -> Result<Container, cocoon_protocols::Error> {
-        let rel = self.dir.share_rootfs(id, rootfs)?;
-        spec::adapt(&mut spec, &rel);
-        match self.channel().create_container(id, &spec, terminal).await {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                if let Err(u) = self.dir.unshare_container(id) {
-                    tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&u));
-                }
-                Err(e)
+        spec::check_namespaces(&spec, id.as_str())?;
+        let shared = self.share_container(id, &mut spec, rootfs);
+        let created = match shared {
+            Ok(()) => self.channel().create_container(id, &spec, terminal).await,
+            Err(e) => Err(e),
+        };
+        if created.is_err() {
+            if let Err(u) = self.dir.unshare_container(id) {
+                tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&u));
             }
         }
+        created
+    }
+
+    /// Shares what container `id` needs of the host and points `spec` at it.
+    fn share_container(
+        &mut self,
+        id: &Id,
+        spec: &mut oci_spec::runtime::Spec,
+        rootfs: &Path,
+    ) -> Result<(), cocoon_protocols::Error> {
+        let rel = self.dir.share_rootfs(id, rootfs)?;
+        let mut guest = std::collections::BTreeMap::new();
+        for bind in spec::host_binds(spec, tmpfs_size) {
+            let source = match bind.pod_shm {
+                Some(size) => spec::GuestSource::PodShm { size },
+                None => {
+                    let name = rundir::ShareName::Volume(bind.index as u32);
+                    let rel = self
+                        .dir
+                        .share(id, name, &bind.source, bind.access)
+                        .map_err(|e| bind_error(id, &bind.source, e))?;
+                    spec::GuestSource::Shared(rel)
+                }
+            };
+            guest.insert(bind.index, source);
+        }
+        spec::adapt(spec, &rel, &guest);
+        Ok(())
     }
 
     /// Removes container `id` from the guest (if it is still there) and

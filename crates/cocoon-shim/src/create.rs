@@ -96,6 +96,8 @@ impl Service {
             Error::InvalidArgument(format!("task {id}: {}: {e}", config_json.display()))
         })?;
         check_rootfs_types(&id, &req.rootfs)?;
+        // Before a VM boots for it.
+        cocoon_runtime::spec::check_namespaces(&spec, id.as_str())?;
         let pod = self.ensure_pod(&req, &spec).await?;
 
         let rootfs = bundle.join("rootfs");

@@ -28,6 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use cocoon_protocols::cri;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
@@ -35,8 +36,6 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Flags, StartOpts};
 
 const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
-const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 struct CocoonShim {
     namespace: String,
@@ -52,10 +51,10 @@ fn grouping(bundle: &Path, id: &str) -> String {
         .and_then(|s| s.annotations().clone())
         .unwrap_or_default();
     match (
-        ann.get(ANNOTATION_CONTAINER_TYPE).map(String::as_str),
-        ann.get(ANNOTATION_SANDBOX_ID),
+        ann.get(cri::CONTAINER_TYPE).map(String::as_str),
+        ann.get(cri::SANDBOX_ID),
     ) {
-        (Some("container"), Some(sandbox)) if !sandbox.is_empty() => sandbox.clone(),
+        (Some(cri::TYPE_CONTAINER), Some(sandbox)) if !sandbox.is_empty() => sandbox.clone(),
         _ => id.to_string(),
     }
 }

@@ -29,8 +29,6 @@ use crate::table::{event_id, Exit, Proc, Table};
 /// for the `delete` cleanup of a shim that died.
 pub const SANDBOX_POINTER: &str = "cocoon-sandbox";
 
-const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-
 /// Exit status of every process when the VM dies under them.
 pub const EXIT_VM_DIED: u32 = 255;
 
@@ -205,7 +203,7 @@ impl Service {
         let sandbox_id = spec
             .annotations()
             .as_ref()
-            .and_then(|a| a.get(ANNOTATION_SANDBOX_ID).cloned())
+            .and_then(|a| a.get(cocoon_protocols::cri::SANDBOX_ID).cloned())
             .unwrap_or_else(|| req.id.clone());
         let sandbox_id = Id::sandbox(&sandbox_id)?;
         tracing::info!(sandbox = %sandbox_id, config = %loaded.source, "booting pod VM");

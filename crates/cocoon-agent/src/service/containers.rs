@@ -8,6 +8,7 @@ use cocoon_protocols::{Error, Id};
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 
+use super::sandbox;
 use super::spec::{self, Placement};
 use super::{internal, Agent, ContainerEntry, Result, BUNDLE_ROOT, CGROUP_PARENT, CONTAINER_ROOT};
 use crate::launcher::Op;
@@ -48,8 +49,13 @@ impl Agent {
         let at = Placement {
             share_dir: Path::new(cocoon_protocols::GUEST_SHARE_DIR),
             cgroup_parent: Path::new(CGROUP_PARENT),
+            sandbox_init: self.sandbox_init(id, &spec)?,
         };
-        let spec = spec::rewrite(spec, id, terminal, &at)?;
+        let (spec, setup) = spec::rewrite(spec, id, terminal, &at)?;
+        if let Some(size) = setup.shm_size {
+            sandbox::ensure_pod_shm(size)?;
+        }
+        sandbox::apply_net_sysctls(&setup.net_sysctls)?;
         let rootfs = spec.root().as_ref().map(|r| r.path().clone());
         if let Some(rootfs) = rootfs.filter(|r| !r.is_dir()) {
             return Err(Error::InvalidArgument(format!(
@@ -82,6 +88,32 @@ impl Agent {
         result
     }
 
+    /// The init pid of the pod's sandbox container, for a container CRI
+    /// made part of a pod; an error if that container is not running here.
+    fn sandbox_init(&self, id: &Id, spec: &oci_spec::runtime::Spec) -> Result<Option<i32>> {
+        use cocoon_protocols::cri;
+        let ann = spec.annotations().clone().unwrap_or_default();
+        let sandbox = match (
+            ann.get(cri::CONTAINER_TYPE).map(String::as_str),
+            ann.get(cri::SANDBOX_ID),
+        ) {
+            (Some(cri::TYPE_CONTAINER), Some(s)) if s != id.as_str() => s,
+            _ => return Ok(None),
+        };
+        let map = self.containers.lock().unwrap();
+        let init = map
+            .iter()
+            .find(|(c, _)| c.as_str() == sandbox)
+            .and_then(|(_, c)| c.processes.get(&None))
+            .filter(|p| p.exit.borrow().is_none());
+        match init {
+            Some(p) => Ok(Some(p.pid)),
+            None => Err(Error::FailedPrecondition(format!(
+                "container {id} joins pod sandbox {sandbox}, whose container is not running in this VM"
+            ))),
+        }
+    }
+
     async fn create_in_bundle(
         &self,
         id: &Id,
@@ -94,10 +126,7 @@ impl Agent {
         std::fs::create_dir_all(CONTAINER_ROOT).map_err(internal(CONTAINER_ROOT))?;
         spec.save(bundle.join("config.json"))
             .map_err(internal("write config.json"))?;
-        let console = bundle.join("console.sock");
-        let started = self
-            .start_process(Op::Create, id, bundle, terminal, console)
-            .await?;
+        let started = self.start_process(Op::Create, id, bundle, terminal).await?;
         let pid = self.track(id, None, started);
         tracing::info!(container = %id, pid, "created");
         Ok(pid)

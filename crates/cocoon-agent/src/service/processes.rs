@@ -3,7 +3,7 @@
 //! its execs.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,14 +33,13 @@ fn now_nanos() -> i64 {
 
 impl Agent {
     /// Creates a process through the helper: with pipes, or with a terminal
-    /// made in the container and received on `console`.
+    /// made in the container and received on a console socket.
     pub(super) async fn start_process(
         &self,
         op: Op,
         id: &Id,
         path: &Path,
         terminal: bool,
-        console: PathBuf,
     ) -> Result<Started> {
         // Open before the helper runs: the process may exit before its pid
         // is known.
@@ -59,8 +58,7 @@ impl Agent {
                 exited: launch.claim(pid),
             });
         }
-        let socket = stdio::ConsoleSocket::listen(console.clone())
-            .map_err(internal(format!("console socket {}", console.display())))?;
+        let socket = stdio::ConsoleSocket::listen().map_err(internal("console socket"))?;
         let null = || {
             std::fs::File::open("/dev/null")
                 .map(OwnedFd::from)
@@ -156,9 +154,8 @@ impl Agent {
         let path = bundle.join(format!("exec-{exec_id}.json"));
         let json = serde_json::to_vec(&process).map_err(internal("encode the OCI process"))?;
         std::fs::write(&path, json).map_err(internal(format!("write {}", path.display())))?;
-        let console = bundle.join(format!("console-{exec_id}.sock"));
         let started = self
-            .start_process(Op::Exec, container_id, &path, terminal, console)
+            .start_process(Op::Exec, container_id, &path, terminal)
             .await;
         let _ = std::fs::remove_file(&path);
         let pid = self.track(container_id, Some(exec_id), started?);

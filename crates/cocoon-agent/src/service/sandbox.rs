@@ -50,3 +50,47 @@ pub async fn destroy() {
         crate::init::power_off();
     });
 }
+
+/// Mounts the pod's `/dev/shm`, a tmpfs of `size` bytes, once: the first
+/// container that binds it (the sandbox container, under CRI) sizes it.
+pub fn ensure_pod_shm(size: u64) -> Result<()> {
+    let target = cocoon_protocols::GUEST_SHM_DIR;
+    static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut mounted = MOUNTED.lock().unwrap();
+    if *mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all(target).map_err(super::internal(format!("create {target}")))?;
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some("shm"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("mode=1777,size={size}").as_str()),
+    )
+    .map_err(|e| Error::Internal(format!("mount the pod's shm tmpfs on {target}: {e}")))?;
+    *mounted = true;
+    Ok(())
+}
+
+/// Applies `net.*` sysctls in the guest's network namespace, the pod's.
+/// A key is a dotted or slashed name under `/proc/sys/net`, nothing else.
+pub fn apply_net_sysctls(sysctls: &std::collections::HashMap<String, String>) -> Result<()> {
+    for (key, value) in sysctls {
+        let rel = key.replace('.', "/");
+        let valid = rel.starts_with("net/")
+            && rel
+                .split('/')
+                .all(|c| !c.is_empty() && c != ".." && !c.contains('\0'));
+        if !valid || value.contains('\n') {
+            return Err(Error::InvalidArgument(format!(
+                "sysctl {key:?}={value:?} is not a network sysctl"
+            )));
+        }
+        let path = std::path::Path::new("/proc/sys").join(&rel);
+        std::fs::write(&path, value)
+            .map_err(|e| Error::InvalidArgument(format!("sysctl {key}={value}: {e}")))?;
+    }
+    Ok(())
+}

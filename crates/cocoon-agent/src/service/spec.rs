@@ -10,11 +10,24 @@
 //! - a cgroup namespace is added if missing, so that the container sees its
 //!   own cgroup at `/sys/fs/cgroup`;
 //! - a `cgroup` (v1) mount becomes a `cgroup2` mount: a spec written for a
-//!   cgroup v1 host asks for one, and the guest has only the v2 hierarchy.
+//!   cgroup v1 host asks for one, and the guest has only the v2 hierarchy;
+//! - a path the host gives for the IPC, UTS or PID namespace names the pod's
+//!   sandbox container's (that is how CRI joins a container to its pod):
+//!   it becomes that container's namespace in the guest, found by its init's
+//!   pid; paths of other namespaces, or with no sandbox container to join,
+//!   go (the namespace is new);
+//! - there is no network namespace entry: every container runs in the
+//!   guest's own, which is the pod's, so `net.*` sysctls are taken out for
+//!   the agent to apply there (libcontainer refuses them without a new
+//!   network namespace);
+//! - a bind from the pod's `/dev/shm` ([`GUEST_SHM_DIR`]) loses its
+//!   `size=` option, which sizes that tmpfs.
 
 use std::path::{Component, Path};
 
-use cocoon_protocols::{Error, Id};
+use std::collections::HashMap;
+
+use cocoon_protocols::{Error, Id, GUEST_SHM_DIR};
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
 
 /// Where the rewritten spec puts things in the guest.
@@ -23,10 +36,28 @@ pub struct Placement<'a> {
     pub share_dir: &'a Path,
     /// The cgroup under which every container's cgroup is made.
     pub cgroup_parent: &'a Path,
+    /// The pid of the init of the pod's sandbox container, whose
+    /// namespaces the container joins where the host gave a path.
+    pub sandbox_init: Option<i32>,
+}
+
+/// What the rewrite took out of the spec for the agent to do.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PodSetup {
+    /// `net.*` sysctls, for the guest's network namespace.
+    pub net_sysctls: HashMap<String, String>,
+    /// The size of the pod's `/dev/shm`, if the spec binds it.
+    pub shm_size: Option<u64>,
 }
 
 /// The spec container `id` runs with, from the one the host sent.
-pub fn rewrite(mut spec: Spec, id: &Id, terminal: bool, at: &Placement) -> Result<Spec, Error> {
+pub fn rewrite(
+    mut spec: Spec,
+    id: &Id,
+    terminal: bool,
+    at: &Placement,
+) -> Result<(Spec, PodSetup), Error> {
+    let mut setup = PodSetup::default();
     let mut root = spec
         .root()
         .clone()
@@ -56,7 +87,27 @@ pub fn rewrite(mut spec: Spec, id: &Id, terminal: bool, at: &Placement) -> Resul
 
     let mut linux = spec.linux().clone().unwrap_or_default();
     linux.set_cgroups_path(Some(at.cgroup_parent.join(id.as_str())));
-    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    let mut namespaces: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .map(|mut n| {
+            let name = match n.typ() {
+                LinuxNamespaceType::Ipc => Some("ipc"),
+                LinuxNamespaceType::Uts => Some("uts"),
+                LinuxNamespaceType::Pid => Some("pid"),
+                _ => None,
+            };
+            let joined = match (n.path(), name, at.sandbox_init) {
+                (Some(_), Some(name), Some(pid)) => Some(format!("/proc/{pid}/ns/{name}").into()),
+                _ => None,
+            };
+            n.set_path(joined);
+            n
+        })
+        .collect();
     if !namespaces
         .iter()
         .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
@@ -66,6 +117,13 @@ pub fn rewrite(mut spec: Spec, id: &Id, terminal: bool, at: &Placement) -> Resul
         namespaces.push(ns);
     }
     linux.set_namespaces(Some(namespaces));
+    if let Some(sysctls) = linux.sysctl().clone() {
+        let (net, rest) = sysctls
+            .into_iter()
+            .partition(|(k, _)| k.replace('/', ".").starts_with("net."));
+        setup.net_sysctls = net;
+        linux.set_sysctl(Some(rest));
+    }
     spec.set_linux(Some(linux));
 
     if let Some(mounts) = spec.mounts().clone() {
@@ -76,12 +134,23 @@ pub fn rewrite(mut spec: Spec, id: &Id, terminal: bool, at: &Placement) -> Resul
                     m.set_typ(Some("cgroup2".into()));
                     m.set_source(Some("cgroup2".into()));
                 }
+                if m.source().as_deref() == Some(Path::new(GUEST_SHM_DIR)) {
+                    let mut options = m.options().clone().unwrap_or_default();
+                    options.retain(|o| match o.strip_prefix("size=") {
+                        Some(size) => {
+                            setup.shm_size = size.parse().ok().or(setup.shm_size);
+                            false
+                        }
+                        None => true,
+                    });
+                    m.set_options(Some(options));
+                }
                 m
             })
             .collect();
         spec.set_mounts(Some(mounts));
     }
-    Ok(spec)
+    Ok((spec, setup))
 }
 
 #[cfg(test)]
@@ -94,6 +163,7 @@ mod tests {
         Placement {
             share_dir: Path::new("/run/cocoon/shared"),
             cgroup_parent: Path::new("/cocoon"),
+            sandbox_init: None,
         }
     }
 
@@ -116,7 +186,7 @@ mod tests {
     #[test]
     fn root_is_joined_onto_the_share() {
         for path in ["c1/rootfs", "/c1/rootfs", "./c1/rootfs"] {
-            let spec = rewrite(with_root(path), &id(), false, &at()).unwrap();
+            let spec = rewrite(with_root(path), &id(), false, &at()).unwrap().0;
             assert_eq!(root_of(&spec), Path::new("/run/cocoon/shared/c1/rootfs"));
         }
     }
@@ -143,12 +213,12 @@ mod tests {
             let mut p = spec.process().clone().unwrap();
             p.set_terminal(Some(!terminal));
             spec.set_process(Some(p));
-            let spec = rewrite(spec, &id(), terminal, &at()).unwrap();
+            let spec = rewrite(spec, &id(), terminal, &at()).unwrap().0;
             assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(terminal));
         }
         let mut spec = with_root("c1");
         spec.set_process(None);
-        let spec = rewrite(spec, &id(), true, &at()).unwrap();
+        let spec = rewrite(spec, &id(), true, &at()).unwrap().0;
         assert!(spec.process().is_none(), "a process was made up");
     }
 
@@ -158,14 +228,14 @@ mod tests {
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some("/kubepods/burstable/pod1/c1".into()));
         spec.set_linux(Some(linux));
-        let spec = rewrite(spec, &id(), false, &at()).unwrap();
+        let spec = rewrite(spec, &id(), false, &at()).unwrap().0;
         assert_eq!(
             spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
             Some(Path::new("/cocoon/c1"))
         );
         let mut spec = with_root("c1");
         spec.set_linux(None);
-        let spec = rewrite(spec, &id(), false, &at()).unwrap();
+        let spec = rewrite(spec, &id(), false, &at()).unwrap().0;
         assert_eq!(
             spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
             Some(Path::new("/cocoon/c1"))
@@ -186,11 +256,11 @@ mod tests {
 
     #[test]
     fn a_cgroup_namespace_is_added_once() {
-        let spec = rewrite(with_root("c1"), &id(), false, &at()).unwrap();
+        let spec = rewrite(with_root("c1"), &id(), false, &at()).unwrap().0;
         assert_eq!(cgroup_namespaces(&spec), 1);
         let others = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(others.len() > 1, "the default namespaces were dropped");
-        let again = rewrite(spec, &id(), false, &at()).unwrap();
+        let again = rewrite(spec, &id(), false, &at()).unwrap().0;
         assert_eq!(cgroup_namespaces(&again), 1);
     }
 
@@ -212,7 +282,7 @@ mod tests {
             .collect();
         mounts.push(v1);
         spec.set_mounts(Some(mounts));
-        let spec = rewrite(spec, &id(), false, &at()).unwrap();
+        let spec = rewrite(spec, &id(), false, &at()).unwrap().0;
         let mounts = spec.mounts().as_ref().unwrap();
         let m = mounts
             .iter()
@@ -232,5 +302,117 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(others, before);
+    }
+
+    fn ns(typ: LinuxNamespaceType, path: Option<&str>) -> LinuxNamespace {
+        let mut n = LinuxNamespace::default();
+        n.set_typ(typ);
+        n.set_path(path.map(Into::into));
+        n
+    }
+
+    fn with_namespaces(namespaces: Vec<LinuxNamespace>) -> Spec {
+        let mut spec = with_root("c1");
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        spec
+    }
+
+    fn ns_path(spec: &Spec, typ: LinuxNamespaceType) -> Option<Option<String>> {
+        spec.linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|n| n.typ() == typ)
+            .map(|n| n.path().as_ref().map(|p| p.display().to_string()))
+    }
+
+    #[test]
+    fn given_namespaces_join_the_sandbox_containers() {
+        let host = vec![
+            ns(LinuxNamespaceType::Pid, Some("/proc/9/ns/pid")),
+            ns(LinuxNamespaceType::Network, Some("/var/run/netns/cni-1")),
+            ns(LinuxNamespaceType::Ipc, Some("/proc/9/ns/ipc")),
+            ns(LinuxNamespaceType::Uts, Some("/proc/9/ns/uts")),
+            ns(LinuxNamespaceType::Mount, Some("/proc/9/ns/mnt")),
+        ];
+        let mut placement = at();
+        placement.sandbox_init = Some(77);
+        let (spec, _) = rewrite(with_namespaces(host.clone()), &id(), false, &placement).unwrap();
+        use LinuxNamespaceType::*;
+        assert_eq!(ns_path(&spec, Network), None, "no network namespace entry");
+        assert_eq!(ns_path(&spec, Pid), Some(Some("/proc/77/ns/pid".into())));
+        assert_eq!(ns_path(&spec, Ipc), Some(Some("/proc/77/ns/ipc".into())));
+        assert_eq!(ns_path(&spec, Uts), Some(Some("/proc/77/ns/uts".into())));
+        assert_eq!(
+            ns_path(&spec, Mount),
+            Some(None),
+            "a mount namespace is never joined"
+        );
+
+        // Without a path (the sandbox itself; CRI's CONTAINER pid mode) or
+        // without a sandbox container, the namespace is new.
+        let mut own = host.clone();
+        own[0].set_path(None);
+        let (spec, _) = rewrite(with_namespaces(own), &id(), false, &placement).unwrap();
+        assert_eq!(ns_path(&spec, Pid), Some(None));
+        assert_eq!(ns_path(&spec, Ipc), Some(Some("/proc/77/ns/ipc".into())));
+        let (spec, _) = rewrite(with_namespaces(host), &id(), false, &at()).unwrap();
+        for t in [Pid, Ipc, Uts, Mount] {
+            assert_eq!(ns_path(&spec, t), Some(None), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn net_sysctls_are_the_agents_and_the_shm_size_is_read() {
+        let mut spec = with_root("c1");
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_sysctl(Some(HashMap::from([
+            (
+                "net.ipv4.ip_unprivileged_port_start".to_string(),
+                "0".to_string(),
+            ),
+            ("net/core/somaxconn".to_string(), "1024".to_string()),
+            ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
+        ])));
+        spec.set_linux(Some(linux));
+        let mut shm = Mount::default();
+        shm.set_destination("/dev/shm".into());
+        shm.set_typ(Some("bind".into()));
+        shm.set_source(Some(GUEST_SHM_DIR.into()));
+        shm.set_options(Some(vec!["rbind".into(), "size=65536".into(), "rw".into()]));
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.push(shm);
+        spec.set_mounts(Some(mounts));
+
+        let (spec, setup) = rewrite(spec, &id(), false, &at()).unwrap();
+        assert_eq!(
+            setup
+                .net_sysctls
+                .keys()
+                .collect::<std::collections::BTreeSet<_>>(),
+            ["net.ipv4.ip_unprivileged_port_start", "net/core/somaxconn"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .iter()
+                .collect()
+        );
+        let left = spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(left.len(), 1);
+        assert!(left.contains_key("kernel.shm_rmid_forced"));
+        assert_eq!(setup.shm_size, Some(65536));
+        let m = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.source().as_deref() == Some(Path::new(GUEST_SHM_DIR)))
+            .unwrap();
+        assert_eq!(m.options().as_ref().unwrap(), &["rbind", "rw"]);
     }
 }

@@ -151,6 +151,7 @@ impl Agent {
             c.bundle.clone()
         };
         process.set_terminal(Some(terminal));
+        super::spec::drop_lsm_labels(&mut process, container_id);
         let path = bundle.join(format!("exec-{exec_id}.json"));
         let json = serde_json::to_vec(&process).map_err(internal("encode the OCI process"))?;
         std::fs::write(&path, json).map_err(internal(format!("write {}", path.display())))?;

@@ -20,6 +20,9 @@
 //!   guest's own, which is the pod's, so `net.*` sysctls are taken out for
 //!   the agent to apply there (libcontainer refuses them without a new
 //!   network namespace);
+//! - AppArmor and SELinux labels go, with a log line: the guest loads no
+//!   policy (the host's profiles mean nothing there; the VM is the
+//!   boundary);
 //! - a bind from the pod's `/dev/shm` ([`GUEST_SHM_DIR`]) loses its
 //!   `size=` option, which sizes that tmpfs.
 
@@ -82,10 +85,15 @@ pub fn rewrite(
 
     if let Some(mut p) = spec.process().clone() {
         p.set_terminal(Some(terminal));
+        drop_lsm_labels(&mut p, id);
         spec.set_process(Some(p));
     }
 
     let mut linux = spec.linux().clone().unwrap_or_default();
+    if let Some(label) = linux.mount_label().clone() {
+        tracing::info!(container = %id, "SELinux mount label {label:?} ignored: the guest has no SELinux policy");
+        linux.set_mount_label(None);
+    }
     linux.set_cgroups_path(Some(at.cgroup_parent.join(id.as_str())));
     let mut namespaces: Vec<LinuxNamespace> = linux
         .namespaces()
@@ -153,6 +161,20 @@ pub fn rewrite(
     Ok((spec, setup))
 }
 
+/// Drops the AppArmor profile and SELinux label of `process` (of
+/// container `id`), with a log line: the guest loads no LSM policy, and
+/// libcontainer refuses a profile it cannot apply.
+pub fn drop_lsm_labels(process: &mut oci_spec::runtime::Process, id: &Id) {
+    if let Some(profile) = process.apparmor_profile().clone() {
+        tracing::info!(container = %id, "AppArmor profile {profile:?} ignored: the guest loads no AppArmor policy");
+        process.set_apparmor_profile(None);
+    }
+    if let Some(label) = process.selinux_label().clone() {
+        tracing::info!(container = %id, "SELinux label {label:?} ignored: the guest has no SELinux policy");
+        process.set_selinux_label(None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +226,23 @@ mod tests {
             e,
             Error::InvalidArgument("OCI spec of container c1 has no root".into())
         );
+    }
+
+    #[test]
+    fn lsm_labels_are_dropped() {
+        let mut spec = with_root("c1");
+        let mut p = spec.process().clone().unwrap();
+        p.set_apparmor_profile(Some("cri-containerd.apparmor.d".into()));
+        p.set_selinux_label(Some("system_u:system_r:container_t:s0".into()));
+        spec.set_process(Some(p));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_mount_label(Some("system_u:object_r:container_file_t:s0".into()));
+        spec.set_linux(Some(linux));
+        let (spec, _) = rewrite(spec, &id(), false, &at()).unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.apparmor_profile(), &None);
+        assert_eq!(p.selinux_label(), &None);
+        assert_eq!(spec.linux().as_ref().unwrap().mount_label(), &None);
     }
 
     #[test]

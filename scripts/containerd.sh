@@ -1,42 +1,132 @@
 #!/usr/bin/env bash
 # A private containerd for the end-to-end tests: own root, state, sockets
-# and config; the Cocoon shim from target/release on its PATH.
+# and config; the Cocoon shim from target/release on its PATH. Its CRI
+# plugin serves on the same socket, with:
+#   - runtime handlers `cocoon` (q35 flavour), `cocoon-microvm` (microvm
+#     flavour) and `runc` (the baseline); the flavours boot the guest image
+#     in $COCOON_GUEST_DIR (default /var/lib/cocoon/guest);
+#   - a private CNI network: bridge $COCOON_CNI_BRIDGE (cni-cocoon0) on
+#     $COCOON_CNI_SUBNET (10.89.66.0/24), masquerade, portmap, firewall, its
+#     leases in DIR (the plugins come from /usr/lib/cni);
+#   - the offline images imported into `k8s.io`: the pause image (the
+#     `sandbox_image`) and busybox (docker.io/library/busybox:cocoon).
 #   scripts/containerd.sh start DIR   (prints the socket path)
 #   scripts/containerd.sh stop DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=$1
 dir=$(realpath -m "$2")
+pause_image=localhost/cocoon/pause:offline
 case "$cmd" in
 start)
-  mkdir -p "$dir/root" "$dir/state"
+  guest=${COCOON_GUEST_DIR:-/var/lib/cocoon/guest}
+  bridge=${COCOON_CNI_BRIDGE:-cni-cocoon0}
+  subnet=${COCOON_CNI_SUBNET:-10.89.66.0/24}
+  shim=$PWD/target/release/containerd-shim-cocoon-v2
+  [ -x "$shim" ] || { echo "containerd.sh: $shim missing: cargo build --release" >&2; exit 1; }
+  mkdir -p "$dir/root" "$dir/state" "$dir/flavours" "$dir/cni/net.d" "$dir/cni/ipam" "$dir/images"
+  for machine in q35 microvm; do
+    cat > "$dir/flavours/$machine.toml" <<TOML
+[hypervisor]
+machine = "$machine"
+boot_timeout_secs = 60
+
+[guest]
+dir = "$guest"
+TOML
+  done
+  # containerd's CRI adds the loopback network itself (from bin_dir).
+  cat > "$dir/cni/net.d/10-cocoon.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "cocoon-test",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$bridge",
+      "isGateway": true,
+      "ipMasq": true,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{ "subnet": "$subnet" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }],
+        "dataDir": "$dir/cni/ipam"
+      }
+    },
+    { "type": "portmap", "capabilities": { "portMappings": true } },
+    { "type": "firewall" }
+  ]
+}
+JSON
   cat > "$dir/config.toml" <<TOML
 version = 2
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$dir/containerd.sock"
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$pause_image"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$dir/cni/net.d"
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    # containerd 1.6 ignores runtime_path: the shim is named by its path.
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon]
+      runtime_type = "$shim"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon.options]
+        ConfigPath = "$dir/flavours/q35.toml"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon-microvm]
+      runtime_type = "$shim"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon-microvm.options]
+        ConfigPath = "$dir/flavours/microvm.toml"
 TOML
   PATH="$PWD/target/release:$PATH" setsid containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 < /dev/null &
   echo $! > "$dir/containerd.pid"
+  c="ctr --address $dir/containerd.sock"
   for _ in $(seq 100); do
-    [ -S "$dir/containerd.sock" ] && ctr --address "$dir/containerd.sock" version > /dev/null 2>&1 && break
+    [ -S "$dir/containerd.sock" ] && $c version > /dev/null 2>&1 && break
     sleep 0.1
   done
-  ctr --address "$dir/containerd.sock" version > /dev/null
+  $c version > /dev/null
+  bash scripts/pause-oci.sh "$dir/images/pause.tar" "$pause_image" > /dev/null
+  bash scripts/busybox-oci.sh "$dir/images/busybox.tar" > /dev/null
+  $c -n k8s.io images import "$dir/images/pause.tar" > /dev/null
+  $c -n k8s.io images import "$dir/images/busybox.tar" > /dev/null
   echo "$dir/containerd.sock"
   ;;
 stop)
   if [ -f "$dir/containerd.pid" ]; then
     pid=$(cat "$dir/containerd.pid")
+    # A safety net for tests that died without cleaning up: every task
+    # left is killed and deleted through its shim (which stops its VM).
+    if [ -S "$dir/containerd.sock" ] && kill -0 "$pid" 2>/dev/null; then
+      for ns in $(ctr --address "$dir/containerd.sock" namespaces ls -q 2>/dev/null); do
+        c="ctr --address $dir/containerd.sock -n $ns"
+        for t in $($c tasks ls -q 2>/dev/null); do
+          $c tasks rm -f "$t" > /dev/null 2>&1 || true
+        done
+      done
+    fi
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/containerd.pid"
   fi
+  # What containerd mounted under DIR (snapshots, pod shm) and left.
+  findmnt -rn -o TARGET | grep "^$dir/" | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
   ;;
 *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
 esac

@@ -6,7 +6,9 @@ use oci_spec::runtime::Spec;
 /// Rewrites `spec` for the guest: the root is the shared rootfs at
 /// `rootfs_rel` (relative to the guest's share mount); host paths of
 /// namespaces, host devices and the host cgroup placement do not exist
-/// there (the agent places the container in the guest's cgroups).
+/// there (the agent places the container in the guest's cgroups). The
+/// network namespace goes: every container of the pod shares the guest's
+/// own, where the pod's NICs are (the VM is the pod's network namespace).
 pub fn adapt(spec: &mut Spec, rootfs_rel: &str) {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(rootfs_rel.into());
@@ -15,6 +17,7 @@ pub fn adapt(spec: &mut Spec, rootfs_rel: &str) {
         if let Some(ns) = linux.namespaces().clone() {
             let ns = ns
                 .into_iter()
+                .filter(|n| n.typ() != oci_spec::runtime::LinuxNamespaceType::Network)
                 .map(|mut n| {
                     n.set_path(None);
                     n
@@ -58,11 +61,18 @@ mod tests {
     fn host_paths_do_not_reach_the_guest() {
         let mut spec = Spec::default();
         let mut linux = spec.linux().clone().unwrap();
-        linux.set_namespaces(Some(vec![LinuxNamespaceBuilder::default()
-            .typ(LinuxNamespaceType::Network)
-            .path("/var/run/netns/cni-1")
-            .build()
-            .unwrap()]));
+        linux.set_namespaces(Some(vec![
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path("/var/run/netns/cni-1")
+                .build()
+                .unwrap(),
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Ipc)
+                .path("/proc/42/ns/ipc")
+                .build()
+                .unwrap(),
+        ]));
         linux.set_cgroups_path(Some("/kubepods/pod1/c1".into()));
         spec.set_linux(Some(linux));
         let mut mounts = spec.mounts().clone().unwrap();
@@ -96,8 +106,9 @@ mod tests {
         assert!(linux.cgroups_path().is_none());
         assert!(linux.devices().is_none());
         let ns = linux.namespaces().as_ref().unwrap();
-        assert_eq!(ns.len(), 1, "the namespace is kept, fresh in the guest");
-        assert!(ns[0].path().is_none());
+        assert_eq!(ns.len(), 1, "the network namespace is the guest's own");
+        assert_eq!(ns[0].typ(), LinuxNamespaceType::Ipc);
+        assert!(ns[0].path().is_none(), "kept, fresh in the guest");
         let mounts = spec.mounts().as_ref().unwrap();
         assert_eq!(mounts.len(), proc_count, "both host binds are dropped");
         assert!(mounts.iter().all(|m| !m

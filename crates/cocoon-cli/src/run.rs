@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cocoon_protocols::{Id, StreamKind};
-use cocoon_runtime::{Container, Sandbox};
+use cocoon_runtime::{Container, Sandbox, SandboxOptions};
 use tokio::io::AsyncWriteExt;
 
 #[derive(clap::Args)]
@@ -23,6 +23,10 @@ pub struct RunArgs {
     /// Memory limit of the container, in MiB (its cgroup in the guest).
     #[arg(long = "memory", value_name = "MIB")]
     memory_mib: Option<u64>,
+    /// A network namespace (e.g. /var/run/netns/NAME) whose interfaces the
+    /// VM takes over: the container gets their addresses and routes.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
     /// Environment variables (KEY=VALUE) for the command.
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
@@ -145,7 +149,11 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     tokio::pin!(interrupted);
 
-    let start = Sandbox::start(&id, &loaded.config);
+    let options = SandboxOptions {
+        netns: args.netns.clone(),
+    };
+    let hypervisor = cocoon_runtime::hypervisor(&loaded.config);
+    let start = Sandbox::start_with(&id, &loaded.config, &options, hypervisor.as_ref());
     let mut sandbox = tokio::select! {
         s = start => s?,
         _ = &mut interrupted => anyhow::bail!("interrupted while booting"),

@@ -12,7 +12,9 @@ pub mod qemu;
 pub mod qmp;
 pub mod vsock;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,6 +57,21 @@ pub struct VmSpec {
     /// The guest's TSC rate, where the guest cannot calibrate it reliably
     /// (see [`host::tsc_khz`]).
     pub tsc_khz: Option<u32>,
+    /// The guest's NICs, in the order the guest enumerates them.
+    pub nics: Vec<Nic>,
+}
+
+/// A guest NIC: a tap device the caller opened on the host (in the pod's
+/// network namespace), and the MAC the guest's virtio-net device gets.
+///
+/// QEMU inherits the tap under the same fd number. A tap made without
+/// `TUNSETPERSIST` exists while some fd holds it, so once the caller drops
+/// its copies (every clone of the spec) after [`Hypervisor::launch`], the
+/// tap lives exactly as long as QEMU.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub mac: [u8; 6],
+    pub tap: Arc<OwnedFd>,
 }
 
 impl VmSpec {

@@ -1,7 +1,7 @@
 //! Child processes the VM owns: spawned with their output in a size-capped
 //! log, killed on drop, reaped on every path.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::Stdio;
@@ -25,12 +25,14 @@ impl Daemon {
     /// Spawns `cmd` with stdout and stderr going into a capped log at `log`.
     /// `pass_fds` are inherited by the child under their own numbers (the
     /// caller names them on the command line); the parent's copies are
-    /// closed once the child runs.
+    /// closed once the child runs. `lend_fds` are inherited the same way,
+    /// and the parent's copies stay the caller's to close.
     pub fn spawn(
         what: &'static str,
         mut cmd: Command,
         log: &Path,
         pass_fds: Vec<OwnedFd>,
+        lend_fds: &[BorrowedFd<'_>],
     ) -> Result<Self> {
         let program = Path::new(cmd.as_std().get_program()).to_path_buf();
         // Blocking writer: the daemons treat a failed write to stderr as an
@@ -49,7 +51,11 @@ impl Daemon {
         // Own process group: a Ctrl-C at the terminal reaches Cocoon, which
         // then stops the VM in order, instead of killing QEMU under it.
         cmd.process_group(0);
-        let inherit: Vec<RawFd> = pass_fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let inherit: Vec<RawFd> = pass_fds
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .chain(lend_fds.iter().map(AsRawFd::as_raw_fd))
+            .collect();
         // SAFETY: the closure runs in the forked child before exec and calls
         // only async-signal-safe functions (prctl, umask, fcntl); it reads
         // `inherit` but allocates nothing.

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -154,6 +154,27 @@ pub fn command_line(spec: &VmSpec, console_fd: RawFd) -> Vec<OsString> {
             ),
         ]),
     }
+    // Userspace virtio-net on an inherited tap: QEMU neither opens nor
+    // configures the tap (no helper scripts), and vhost-net is not assumed.
+    // On PCI, no option ROM: the guest boots from -kernel, not the NIC.
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let fd = nic.tap.as_raw_fd();
+        let m = nic.mac;
+        let mac = format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        );
+        a.extend([
+            "-netdev".into(),
+            format!("tap,id=net{i},fd={fd},vhost=off"),
+            "-device".into(),
+            if microvm {
+                format!("virtio-net-device,netdev=net{i},mac={mac}")
+            } else {
+                format!("virtio-net-pci,netdev=net{i},mac={mac},romfile=")
+            },
+        ]);
+    }
     a.into_iter().map(OsString::from).collect()
 }
 
@@ -246,7 +267,7 @@ impl Hypervisor for Qemu {
 
         let mut cmd = Command::new(&virtiofsd);
         cmd.args(virtiofsd_args(spec));
-        let mut d = Daemon::spawn("virtiofsd", cmd, &spec.virtiofsd_log(), Vec::new())?;
+        let mut d = Daemon::spawn("virtiofsd", cmd, &spec.virtiofsd_log(), Vec::new(), &[])?;
         let r = wait_for_socket(&mut d, &spec.virtiofs_socket(), DAEMON_SOCKET_TIMEOUT).await;
         vm.helpers.push(d);
         r?;
@@ -259,6 +280,7 @@ impl Hypervisor for Qemu {
                 cmd,
                 &spec.vsock_backend_log(),
                 Vec::new(),
+                &[],
             )?;
             let r =
                 wait_for_socket(&mut d, &spec.vsock_backend_socket(), DAEMON_SOCKET_TIMEOUT).await;
@@ -278,7 +300,8 @@ impl Hypervisor for Qemu {
         let mut cmd = Command::new(&qemu);
         cmd.args(command_line(spec, console_w.as_raw_fd()));
         tracing::debug!(cmd = ?cmd.as_std(), "starting QEMU");
-        let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log(), vec![console_w])?;
+        let taps: Vec<BorrowedFd<'_>> = spec.nics.iter().map(|n| n.tap.as_fd()).collect();
+        let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log(), vec![console_w], &taps)?;
         let r = wait_for_socket(&mut d, &spec.qmp_socket(), DAEMON_SOCKET_TIMEOUT).await;
         vm.pid = d.pid();
         vm.qemu = Some(d);
@@ -455,6 +478,7 @@ mod tests {
             shared_dir: "/run/cocoon/t1/shared".into(),
             share_tag: "cocoon".into(),
             tsc_khz: None,
+            nics: Vec::new(),
         }
     }
 
@@ -558,6 +582,52 @@ mod tests {
             append.ends_with(" foo=bar"),
             "user parameters come last: {append}"
         );
+    }
+
+    /// A NIC on an fd that is not a tap: the command line only names it.
+    fn nic(mac: [u8; 6]) -> crate::Nic {
+        let fd = std::fs::File::open("/dev/null").unwrap();
+        crate::Nic {
+            mac,
+            tap: std::sync::Arc::new(fd.into()),
+        }
+    }
+
+    #[test]
+    fn nics_on_inherited_taps() {
+        for machine in [Machine::Q35, Machine::Microvm] {
+            let mut s = spec(machine, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
+            s.nics = vec![
+                nic([0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
+                nic([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f]),
+            ];
+            let fds: Vec<RawFd> = s.nics.iter().map(|n| n.tap.as_raw_fd()).collect();
+            let args = command_line(&s, CONSOLE_FD);
+            assert_eq!(
+                arg_after(&args, "-netdev"),
+                [
+                    format!("tap,id=net0,fd={},vhost=off", fds[0]),
+                    format!("tap,id=net1,fd={},vhost=off", fds[1]),
+                ]
+            );
+            let nets: Vec<String> = arg_after(&args, "-device")
+                .into_iter()
+                .filter(|d| d.contains("virtio-net"))
+                .collect();
+            let want = match machine {
+                Machine::Q35 => [
+                    "virtio-net-pci,netdev=net0,mac=02:42:ac:11:00:02,romfile=",
+                    "virtio-net-pci,netdev=net1,mac=aa:bb:cc:dd:ee:0f,romfile=",
+                ],
+                Machine::Microvm => [
+                    "virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02",
+                    "virtio-net-device,netdev=net1,mac=aa:bb:cc:dd:ee:0f",
+                ],
+            };
+            assert_eq!(nets, want, "{machine:?}");
+        }
+        let s = spec(Machine::Q35, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
+        assert!(arg_after(&command_line(&s, CONSOLE_FD), "-netdev").is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod id;
+pub mod network;
 
 pub use error::Error;
 pub use id::{Id, IdKind, InvalidId};

@@ -3,9 +3,12 @@
 //! a ready sandbox or fails having released everything it created;
 //! [`Sandbox::stop`] releases it all in order, and dropping a sandbox kills
 //! and removes what is left. A [`Container`] is one container of a
-//! sandbox, with every operation the front ends need.
+//! sandbox, with every operation the front ends need. A sandbox started
+//! with a network namespace ([`SandboxOptions`]) gives the guest that
+//! namespace's interfaces ([`network`]).
 
 mod container;
+pub mod network;
 mod rundir;
 pub mod spec;
 
@@ -17,6 +20,7 @@ use cocoon_hypervisor::{HostCaps, Hypervisor, Vm, VmSpec};
 use cocoon_protocols::agent::{CreateSandboxRequest, Empty};
 use cocoon_protocols::agent_ttrpc::AgentClient;
 use cocoon_protocols::Id;
+use network::Network;
 
 pub use container::{Container, ProcessExit};
 pub use rundir::{cleanup_dead, owned_processes, sandbox_id_of, Access, RunDir, ShareName};
@@ -56,6 +60,12 @@ pub enum Error {
         #[source]
         source: ttrpc::Error,
     },
+    #[error("sandbox {id}: pod network")]
+    Network {
+        id: String,
+        #[source]
+        source: network::Error,
+    },
     #[error("sandbox {id}: {action} {path}")]
     Host {
         id: String,
@@ -86,6 +96,11 @@ impl From<Error> for cocoon_protocols::Error {
                 format!("sandbox {}: agent {call}", e_id(&e)),
                 source.clone(),
             ),
+            Error::Network { source, .. } => match source {
+                network::Error::HostNetns { .. } => P::FailedPrecondition(msg),
+                e if e.is_not_found() => P::FailedPrecondition(msg),
+                _ => P::Internal(msg),
+            },
             Error::Host { .. } => P::Internal(msg),
         }
     }
@@ -98,6 +113,7 @@ fn e_id(e: &Error) -> &str {
         | Error::BootTimeout { id, .. }
         | Error::VmExited { id, .. }
         | Error::Agent { id, .. }
+        | Error::Network { id, .. }
         | Error::Host { id, .. } => id,
         Error::InvalidId(e) => &e.id,
     }
@@ -165,12 +181,42 @@ pub fn hypervisor(_config: &Config) -> Box<dyn Hypervisor> {
     Box::new(cocoon_hypervisor::Qemu)
 }
 
+/// How a sandbox is started, beyond its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxOptions {
+    /// The pod's network namespace, where CNI has put its interfaces: each
+    /// becomes a NIC of the guest ([`network`]). `None`: the guest has
+    /// loopback only.
+    pub netns: Option<PathBuf>,
+}
+
+impl SandboxOptions {
+    /// What the OCI spec of a pod's first (sandbox) container asks for:
+    /// the network namespace it names by path. A spec that asks for a new,
+    /// unnamed one (`ctr run`) gets no network, as does one with none
+    /// (a host-network pod, which a VM cannot serve).
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Self {
+        let netns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|ns| {
+                ns.iter()
+                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            })
+            .and_then(|n| n.path().clone());
+        Self { netns }
+    }
+}
+
 /// A running pod VM with a connected agent.
 pub struct Sandbox {
     id: Id,
     // Field order is drop order: the VM (and its daemons) goes before the
-    // mounts and directories it uses.
+    // mounts and directories it uses, and before the network whose taps it
+    // holds.
     vm: Box<dyn Vm>,
+    network: Option<Network>,
     agent: AgentClient,
     kernel_release: String,
     dir: RunDir,
@@ -180,11 +226,17 @@ impl Sandbox {
     /// Boots the VM for sandbox `id` with the hypervisor `config` names,
     /// and waits for its agent.
     pub async fn start(id: &Id, config: &Config) -> Result<Self> {
-        Self::start_with(id, config, hypervisor(config).as_ref()).await
+        let options = SandboxOptions::default();
+        Self::start_with(id, config, &options, hypervisor(config).as_ref()).await
     }
 
-    /// [`Sandbox::start`] on a given hypervisor.
-    pub async fn start_with(id: &Id, config: &Config, hypervisor: &dyn Hypervisor) -> Result<Self> {
+    /// [`Sandbox::start`] with `options`, on a given hypervisor.
+    pub async fn start_with(
+        id: &Id,
+        config: &Config,
+        options: &SandboxOptions,
+        hypervisor: &dyn Hypervisor,
+    ) -> Result<Self> {
         let caps = HostCaps::probe();
         let accel = caps.resolve_accel(config.hypervisor.accel);
         let vsock = caps.resolve_vsock(config.vsock.transport);
@@ -207,6 +259,32 @@ impl Sandbox {
             cleanup_dead(&config.runtime.state_dir, id).await?;
         }
         let dir = RunDir::create(&config.runtime.state_dir, id)?;
+        let mut network = match &options.netns {
+            Some(netns) => {
+                let t = std::time::Instant::now();
+                let n = Network::setup(netns)
+                    .await
+                    .map_err(|source| Error::Network {
+                        id: id.to_string(),
+                        source,
+                    })?;
+                tracing::info!(
+                    sandbox = %id,
+                    netns = %netns.display(),
+                    interfaces = n.plan().interfaces.len(),
+                    setup_ms = t.elapsed().as_millis() as u64,
+                    "pod network ready"
+                );
+                Some(n)
+            }
+            None => None,
+        };
+        if let Some(record) = network.as_ref().and_then(Network::record) {
+            if let Err(e) = dir.record_network(&record) {
+                release_network(id, network).await;
+                return Err(e);
+            }
+        }
         let spec = VmSpec {
             name: format!("cocoon-{id}"),
             config: config.clone(),
@@ -219,26 +297,42 @@ impl Sandbox {
                 cocoon_hypervisor::ResolvedAccel::Tcg => cocoon_hypervisor::host::tsc_khz(),
                 cocoon_hypervisor::ResolvedAccel::Kvm => None,
             },
+            nics: network.as_mut().map(Network::nics).unwrap_or_default(),
         };
-        let hv_err = |source| Error::Hypervisor {
-            id: id.to_string(),
-            source,
+        let launched = hypervisor.launch(&spec).await;
+        // QEMU holds its own copies of the taps now (or never will): ours
+        // go, so that the taps live exactly as long as QEMU.
+        drop(spec);
+        let mut vm = match launched {
+            Ok(vm) => vm,
+            Err(source) => {
+                release_network(id, network).await;
+                return Err(Error::Hypervisor {
+                    id: id.to_string(),
+                    source,
+                });
+            }
         };
-        let mut vm = hypervisor.launch(&spec).await.map_err(hv_err)?;
         for (name, pid) in vm.pids() {
-            dir.record_pid(name, pid)?;
+            if let Err(e) = dir.record_pid(name, pid) {
+                vm.shutdown(Duration::ZERO).await;
+                release_network(id, network).await;
+                return Err(e);
+            }
         }
         let timeout = config.hypervisor.boot_timeout;
         let (agent, kernel_release) = match connect_agent(id, vm.as_mut(), timeout).await {
             Ok(a) => a,
             Err(e) => {
                 vm.shutdown(Duration::ZERO).await;
+                release_network(id, network).await;
                 return Err(e);
             }
         };
         let sandbox = Self {
             id: id.clone(),
             vm,
+            network,
             agent,
             kernel_release,
             dir,
@@ -249,15 +343,36 @@ impl Sandbox {
             ..Default::default()
         };
         if let Err(source) = sandbox.agent.create_sandbox(ctx(CALL_TIMEOUT), &req).await {
-            let mut s = sandbox;
-            s.vm.shutdown(Duration::ZERO).await;
+            sandbox.abandon().await;
             return Err(Error::Agent {
                 id: id.to_string(),
                 call: "CreateSandbox",
                 source,
             });
         }
+        if let Some(n) = &sandbox.network {
+            let req = n.plan().to_request();
+            if let Err(source) = sandbox
+                .agent
+                .configure_network(ctx(CALL_TIMEOUT), &req)
+                .await
+            {
+                sandbox.abandon().await;
+                return Err(Error::Agent {
+                    id: id.to_string(),
+                    call: "ConfigureNetwork",
+                    source,
+                });
+            }
+        }
         Ok(sandbox)
+    }
+
+    /// Ends a sandbox that failed to start: the VM at once, then the
+    /// network.
+    async fn abandon(mut self) {
+        self.vm.shutdown(Duration::ZERO).await;
+        release_network(&self.id, self.network.take()).await;
     }
 
     pub fn id(&self) -> &Id {
@@ -385,7 +500,18 @@ impl Sandbox {
             _ => Duration::from_secs(3),
         };
         self.vm.shutdown(grace).await;
+        release_network(&self.id, self.network.take()).await;
         tracing::info!(sandbox = %self.id, "stopped");
+    }
+}
+
+/// Tears the pod network down (after the VM is gone: the taps went with
+/// QEMU). A failure is logged: the caller is already on its way out.
+async fn release_network(id: &Id, network: Option<Network>) {
+    if let Some(n) = network {
+        if let Err(e) = n.teardown().await {
+            tracing::warn!(sandbox = %id, "{}", error_chain(&e));
+        }
     }
 }
 

@@ -120,6 +120,12 @@ fn host(id: &Id, action: &'static str, path: &Path) -> impl FnOnce(io::Error) ->
     }
 }
 
+/// The file in `<id>/` that says what the pod network's teardown undoes.
+const NETWORK_RECORD: &str = "network";
+
+/// Its largest size: a netns path and [`cocoon_protocols::network::MAX_INTERFACES`] lines.
+const NETWORK_RECORD_MAX: u64 = 8192;
+
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
 }
@@ -254,6 +260,18 @@ impl RunDir {
         safe_fs::create_private_file(self.dir.as_fd(), os(&file), false)
             .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
             .map_err(err)
+    }
+
+    /// Records what the pod network's teardown undoes (see
+    /// [`crate::network::Network::record`]), for [`cleanup_dead`].
+    pub fn record_network(&self, record: &[u8]) -> Result<()> {
+        safe_fs::create_private_file(self.dir.as_fd(), os(NETWORK_RECORD), false)
+            .and_then(|mut f| f.write_all(record))
+            .map_err(host(
+                &self.id,
+                "record the network in",
+                &self.path.join(NETWORK_RECORD),
+            ))
     }
 
     /// Shares host path `source` (a file or a directory, and everything

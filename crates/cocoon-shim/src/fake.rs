@@ -309,6 +309,8 @@ impl PodHandle for FakePod {
 #[derive(Default)]
 pub struct FakeLauncher {
     pub launches: Mutex<Vec<String>>,
+    /// The options of each launch, in order.
+    pub options: Mutex<Vec<cocoon_runtime::SandboxOptions>>,
     pub stopped: Arc<Mutex<bool>>,
     /// Container ids whose rootfs the pod shares now.
     pub shared: Arc<Mutex<BTreeSet<String>>>,
@@ -326,8 +328,10 @@ impl Launcher for FakeLauncher {
         &self,
         sandbox_id: &Id,
         _: &cocoon_config::Config,
+        options: &cocoon_runtime::SandboxOptions,
     ) -> Result<Box<dyn PodHandle>> {
         self.launches.lock().unwrap().push(sandbox_id.to_string());
+        self.options.lock().unwrap().push(options.clone());
         let silent = self.silent_streams;
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vsock.sock");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use cocoon_protocols::Id;
-use cocoon_runtime::{Channel, Container, Sandbox};
+use cocoon_runtime::{Channel, Container, Sandbox, SandboxOptions};
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::protos::protobuf::MessageDyn;
 
@@ -41,10 +41,13 @@ pub trait PodHandle: Send + Sync {
 /// Boots pod VMs.
 #[async_trait]
 pub trait Launcher: Send + Sync {
+    /// Boots the VM of pod `sandbox_id`; `options` carry what the pod's
+    /// first container asked for (its network namespace).
     async fn launch(
         &self,
         sandbox_id: &Id,
         config: &cocoon_config::Config,
+        options: &SandboxOptions,
     ) -> Result<Box<dyn PodHandle>>;
 }
 
@@ -63,8 +66,12 @@ impl Launcher for SandboxLauncher {
         &self,
         sandbox_id: &Id,
         config: &cocoon_config::Config,
+        options: &SandboxOptions,
     ) -> Result<Box<dyn PodHandle>> {
-        Ok(Box::new(Sandbox::start(sandbox_id, config).await?))
+        let hypervisor = cocoon_runtime::hypervisor(config);
+        Ok(Box::new(
+            Sandbox::start_with(sandbox_id, config, options, hypervisor.as_ref()).await?,
+        ))
     }
 }
 

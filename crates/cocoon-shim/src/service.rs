@@ -206,8 +206,18 @@ impl Service {
             .and_then(|a| a.get(cocoon_protocols::cri::SANDBOX_ID).cloned())
             .unwrap_or_else(|| req.id.clone());
         let sandbox_id = Id::sandbox(&sandbox_id)?;
-        tracing::info!(sandbox = %sandbox_id, config = %loaded.source, "booting pod VM");
-        let sandbox = self.s.launcher.launch(&sandbox_id, &loaded.config).await?;
+        let options = cocoon_runtime::SandboxOptions::from_spec(spec);
+        tracing::info!(
+            sandbox = %sandbox_id,
+            config = %loaded.source,
+            netns = ?options.netns,
+            "booting pod VM"
+        );
+        let sandbox = self
+            .s
+            .launcher
+            .launch(&sandbox_id, &loaded.config, &options)
+            .await?;
         let info = PodInfo {
             sandbox_id,
             channel: sandbox.channel(),

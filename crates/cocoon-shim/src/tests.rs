@@ -471,3 +471,40 @@ async fn a_failed_start_ends_the_process_with_an_exit_event_and_wait_returns() {
     assert_eq!(exits, 1, "{topics:?}");
     assert!(!topics.contains(&TASK_EXEC_STARTED_EVENT_TOPIC.to_string()));
 }
+
+#[tokio::test]
+async fn the_sandbox_containers_netns_reaches_the_launcher() {
+    use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+    let e = env();
+    // The default spec asks for a new, unnamed network namespace: no
+    // network for the pod.
+    e.create("c0", &["sleep"]).await.unwrap();
+    let e2 = env();
+    let bundle = e2.bundle("c1", &["sleep"]);
+    let path = std::path::Path::new(&bundle).join("config.json");
+    let mut spec = oci_spec::runtime::Spec::load(&path).unwrap();
+    let mut linux = spec.linux().clone().unwrap();
+    let mut ns = linux.namespaces().clone().unwrap();
+    ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    ns.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .path("/var/run/netns/cni-1234")
+            .build()
+            .unwrap(),
+    );
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    spec.save(&path).unwrap();
+    let req = api::CreateTaskRequest {
+        id: "c1".into(),
+        bundle,
+        ..Default::default()
+    };
+    Task::create(&e2.svc, &tctx(), req).await.unwrap();
+    assert_eq!(e.launcher.options.lock().unwrap()[0].netns, None);
+    assert_eq!(
+        e2.launcher.options.lock().unwrap()[0].netns.as_deref(),
+        Some(std::path::Path::new("/var/run/netns/cni-1234"))
+    );
+}

@@ -4,11 +4,13 @@
 //! One module per job: [`rpc`] is the ttrpc trampoline (ids parsed, sizes
 //! bounded, then delegated), [`spec`] rewrites the OCI spec the host sends,
 //! [`sandbox`], [`containers`] and [`processes`] are the operations,
+//! [`network`] configures the pod's NICs,
 //! [`cgroups`] reads and updates a container's cgroup, [`oom`] reports OOM
 //! kills.
 
 mod cgroups;
 mod containers;
+mod network;
 mod oom;
 mod processes;
 mod rpc;
@@ -143,6 +145,9 @@ pub enum ServeError {
 pub async fn serve() -> Result<(), ServeError> {
     let reaper = Reaper::default();
     reaper.start().map_err(ServeError::Reaper)?;
+    if let Err(e) = network::loopback_up().await {
+        tracing::warn!("{e}");
+    }
     let stdio = StdioTable::default();
     let agent = Arc::new(Agent::new(reaper, stdio.clone()));
     tokio::spawn(stdio.serve(cocoon_protocols::STREAM_PORT));

@@ -11,7 +11,7 @@ use cocoon_protocols::{agent_ttrpc, Error, Id};
 use ttrpc::r#async::TtrpcContext;
 
 use super::containers::Lifecycle;
-use super::{sandbox, Agent, Result};
+use super::{network, sandbox, Agent, Result};
 
 /// The largest OCI spec accepted.
 pub const MAX_SPEC_JSON: usize = 2 << 20;
@@ -94,6 +94,18 @@ impl agent_ttrpc::Agent for Rpc {
     async fn destroy_sandbox(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
         sandbox::destroy().await;
         Ok(Empty::new())
+    }
+
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        let r = async {
+            let cfg = network::parse(&req)?;
+            network::configure(&cfg).await
+        };
+        reply("configure network", r.await.map(|_| Empty::new()))
     }
 
     async fn create_container(

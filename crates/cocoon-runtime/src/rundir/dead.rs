@@ -13,7 +13,7 @@ use nix::fcntl::OFlag;
 use nix::unistd::Pid;
 
 use super::safe_fs::{self, open_beneath, proc_path, Cross};
-use super::{host, into_result, os, teardown, MARKER};
+use super::{host, into_result, os, teardown, MARKER, NETWORK_RECORD, NETWORK_RECORD_MAX};
 use crate::Result;
 
 /// `dir` with a trailing slash: what paths inside it start with. Without
@@ -88,6 +88,7 @@ fn processes_in(dir: BorrowedFd<'_>, path: &Path) -> Vec<Pid> {
 
 /// Cleans up sandbox `id` after its owner died: kills the processes
 /// recorded in its `*.pid` files (those still naming its directory),
+/// undoes its pod network's tc redirects (the taps went with QEMU),
 /// unmounts what is mounted in `<state_dir>/<id>`, and removes it. Acts on
 /// that directory only, and only if it is a sandbox directory (a real
 /// directory holding the marker [`RunDir::create`] writes); a missing one
@@ -98,6 +99,7 @@ pub async fn cleanup_dead(state_dir: &Path, id: &Id) -> Result<()> {
     };
     let path = state_dir.join(id);
     let pids = processes_in(dir.as_fd(), &path);
+    let network = safe_fs::read_small(dir.as_fd(), os(NETWORK_RECORD), NETWORK_RECORD_MAX).ok();
     drop(dir);
     for p in &pids {
         let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
@@ -113,6 +115,11 @@ pub async fn cleanup_dead(state_dir: &Path, id: &Id) -> Result<()> {
             let _ = nix::sys::wait::waitpid(*p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(record) = network {
+        if let Err(e) = crate::network::teardown_recorded(&record).await {
+            tracing::warn!(sandbox = %id, "{}", crate::error_chain(&e));
+        }
     }
     let left = teardown(state.as_fd(), id, &path);
     into_result(id, left)

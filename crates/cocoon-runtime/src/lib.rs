@@ -6,6 +6,7 @@
 //! sandbox, with every operation the front ends need.
 
 mod container;
+mod portforward;
 mod rundir;
 pub mod spec;
 

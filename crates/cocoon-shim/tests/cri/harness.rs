@@ -252,6 +252,17 @@ impl Cri {
         Ok(self.block_on(self.rs().exec(req))?.into_inner().url)
     }
 
+    /// The streaming URL of a port forward.
+    pub fn port_forward_url(&self, pod: &str, ports: &[i32]) -> Result<String, Error> {
+        Ok(self
+            .block_on(self.rs().port_forward(PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: ports.to_vec(),
+            }))?
+            .into_inner()
+            .url)
+    }
+
     pub fn list_pods(&self) -> Result<Vec<PodSandbox>, Error> {
         Ok(self
             .block_on(

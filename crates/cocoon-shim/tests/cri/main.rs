@@ -706,6 +706,62 @@ fn interactive_exec_with_a_terminal() {
     pod.remove();
 }
 
+/// CRI PortForward through the streaming server (WebSocket): containerd
+/// dials localhost:<port> in the pod's network namespace, which for a VM
+/// pod the shim forwards into the guest. A closed port is an error, not an
+/// empty answer.
+#[test]
+#[ignore = "needs containerd with CRI and boots VMs: run by scripts/test.sh"]
+fn port_forward_reaches_a_pod_port() {
+    let cri = cri_or_skip!("port_forward_reaches_a_pod_port");
+    let pod = cri
+        .run_pod(&handler(), pod_config("portfwd", Namespaces::default()))
+        .expect("RunPodSandbox");
+    let web = pod
+        .start(container_config("web", &sh(WEB_SERVER)))
+        .expect("web");
+    // Served inside the pod before anything is forwarded.
+    exec_until(
+        &cri,
+        &web,
+        &[
+            "timeout",
+            "10",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/",
+        ],
+        Duration::from_secs(20),
+        |e| e.code == 0,
+    );
+    let forward = |port: u16| {
+        let url = cri
+            .port_forward_url(&pod.id, &[i32::from(port)])
+            .expect("PortForward");
+        cri.block_on(stream::port_forward(
+            &url,
+            port,
+            b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n",
+            Duration::from_secs(30),
+        ))
+        .expect("port-forward session")
+    };
+    let got = forward(8080);
+    let text = String::from_utf8_lossy(&got.data);
+    assert!(text.starts_with("HTTP/1."), "{got:?}");
+    assert!(text.contains("pod-web-page"), "{got:?}");
+    assert!(got.error.is_empty(), "{got:?}");
+    let closed = forward(8081);
+    assert!(closed.data.is_empty(), "{closed:?}");
+    assert!(
+        !closed.error.is_empty(),
+        "a closed port reports an error: {closed:?}"
+    );
+    pod.remove();
+}
+
 /// A pod that asks for one of the host's namespaces cannot be a VM:
 /// RunPodSandbox fails naming why, and nothing is left.
 fn host_namespace_is_refused(test: &str, ns: Namespaces, kind: &str) {

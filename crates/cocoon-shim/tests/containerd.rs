@@ -632,7 +632,11 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        // One left by an earlier, killed run.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         let ok = Command::new("ip")
             .args(["netns", "add", name])
             .status()
@@ -686,6 +690,7 @@ fn port_forward_through_the_pod_network_namespace() {
         ],
     );
     t.wait_status("RUNNING");
+    // The shim adds the redirect before the task is created.
     let rules = text(&ns.exec(&["iptables", "-t", "nat", "-S", "OUTPUT"])).0;
     assert!(
         rules.contains("cocoon port forward"),

@@ -127,9 +127,14 @@ stop)
     rm -f "$dir/containerd.pid"
   fi
   # What containerd mounted under DIR (snapshots, pod shm) and left.
-  findmnt -rn -o TARGET | grep "^$dir/" | sort -r | while read -r m; do
+  findmnt -rn -o TARGET | { grep "^$dir/" || true; } | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
+  # The CNI bridge, once no pod is on it (CNI never deletes it).
+  bridge=${COCOON_CNI_BRIDGE:-cni-cocoon0}
+  if ip link show "$bridge" > /dev/null 2>&1 && [ -z "$(ip -o link show master "$bridge")" ]; then
+    ip link del "$bridge" 2>/dev/null || true
+  fi
   ;;
 *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
 esac

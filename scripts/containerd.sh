@@ -4,7 +4,8 @@
 # plugin serves on the same socket, with:
 #   - runtime handlers `cocoon` (q35 flavour), `cocoon-microvm` (microvm
 #     flavour) and `runc` (the baseline); the flavours boot the guest image
-#     in $COCOON_GUEST_DIR (default /var/lib/cocoon/guest);
+#     in $COCOON_GUEST_DIR (default /var/lib/cocoon/guest), and the q35 one
+#     is the default of tasks that name none ($COCOON_CONF_FILE);
 #   - a private CNI network: bridge $COCOON_CNI_BRIDGE (cni-cocoon0) on
 #     $COCOON_CNI_SUBNET (10.89.66.0/24), masquerade, portmap, firewall, its
 #     leases in DIR (the plugins come from /usr/lib/cni);
@@ -91,7 +92,9 @@ state = "$dir/state"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon-microvm.options]
         ConfigPath = "$dir/flavours/microvm.toml"
 TOML
-  PATH="$PWD/target/release:$PATH" setsid containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 < /dev/null &
+  # Tasks that name no flavour (`ctr run` without --runtime-config-path)
+  # get the q35 one, so they too boot the guest image under test.
+  COCOON_CONF_FILE="$dir/flavours/q35.toml" PATH="$PWD/target/release:$PATH" setsid containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 < /dev/null &
   echo $! > "$dir/containerd.pid"
   c="ctr --address $dir/containerd.sock"
   for _ in $(seq 100); do
@@ -124,9 +127,14 @@ stop)
     rm -f "$dir/containerd.pid"
   fi
   # What containerd mounted under DIR (snapshots, pod shm) and left.
-  findmnt -rn -o TARGET | grep "^$dir/" | sort -r | while read -r m; do
+  findmnt -rn -o TARGET | { grep "^$dir/" || true; } | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
+  # The CNI bridge, once no pod is on it (CNI never deletes it).
+  bridge=${COCOON_CNI_BRIDGE:-cni-cocoon0}
+  if ip link show "$bridge" > /dev/null 2>&1 && [ -z "$(ip -o link show master "$bridge")" ]; then
+    ip link del "$bridge" 2>/dev/null || true
+  fi
   ;;
 *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
 esac

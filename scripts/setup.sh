@@ -32,7 +32,7 @@ apt-get install -y -q --no-install-recommends \
   qemu-system-x86 containerd runc \
   libseccomp-dev libcap-ng-dev pkg-config \
   kmod cpio busybox-static procps ca-certificates \
-  containernetworking-plugins iptables protobuf-compiler gcc libc6-dev
+  containernetworking-plugins iptables protobuf-compiler gcc libc6-dev curl
 
 say "rust-vmm daemons (virtiofsd 1.14, vhost-device-vsock 0.3)"
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"

@@ -132,6 +132,83 @@ impl StreamHeader {
     }
 }
 
+/// Vsock port of the agent's port forwarding. A connection starts with one
+/// [`PortForwardHeader`] line; the agent answers with one [`PortForwardReply`]
+/// line, then (if connected) the connection carries the TCP stream's bytes
+/// both ways.
+pub const PORT_FORWARD_PORT: u32 = 1026;
+
+/// The first line of a port-forward connection: `<container-id> <port>\n`:
+/// connect to `localhost:<port>` in the network namespace of that
+/// container (the pod's sandbox container).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortForwardHeader {
+    pub container_id: Id,
+    pub port: u16,
+}
+
+impl PortForwardHeader {
+    /// The longest header line, newline included.
+    pub const MAX_LEN: usize = Id::MAX_LEN + 1 + 5 + 1;
+
+    pub fn encode(&self) -> String {
+        format!("{} {}\n", self.container_id, self.port)
+    }
+
+    pub fn decode(line: &str) -> Option<Self> {
+        let (id, port) = line.trim_end_matches('\n').split_once(' ')?;
+        let container_id = Id::container(id).ok()?;
+        // Digits only: no sign, no spaces, no leading zeros.
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.starts_with('0') {
+            return None;
+        }
+        let port = port.parse().ok().filter(|p| *p != 0)?;
+        Some(Self { container_id, port })
+    }
+}
+
+/// The agent's answer line to a [`PortForwardHeader`]: `ok\n`, or
+/// `error <reason>\n` (the connection then closes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortForwardReply {
+    Connected,
+    Failed(String),
+}
+
+impl PortForwardReply {
+    /// The longest reply line, newline included; longer reasons are cut.
+    pub const MAX_LEN: usize = 256;
+
+    pub fn encode(&self) -> String {
+        match self {
+            PortForwardReply::Connected => "ok\n".into(),
+            PortForwardReply::Failed(why) => {
+                let mut why: String = why
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                let room = Self::MAX_LEN - "error \n".len();
+                while why.len() > room {
+                    why.pop();
+                }
+                format!("error {why}\n")
+            }
+        }
+    }
+
+    pub fn decode(line: &str) -> Option<Self> {
+        let line = line.trim_end_matches('\n');
+        if line == "ok" {
+            return Some(PortForwardReply::Connected);
+        }
+        let why = line.strip_prefix("error ")?;
+        if why.chars().any(char::is_control) {
+            return None;
+        }
+        Some(PortForwardReply::Failed(why.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +228,46 @@ mod tests {
         assert_eq!(StreamHeader::decode("stdout \n"), None);
         assert_eq!(StreamHeader::decode("tty c1\n"), None);
         assert_eq!(StreamHeader::decode("stdin a b c\n"), None);
+    }
+
+    #[test]
+    fn port_forward_header_round_trips() {
+        let h = PortForwardHeader {
+            container_id: Id::container(&"a".repeat(Id::MAX_LEN)).unwrap(),
+            port: 65535,
+        };
+        assert_eq!(h.encode().len(), PortForwardHeader::MAX_LEN);
+        assert_eq!(PortForwardHeader::decode(&h.encode()), Some(h));
+        for bad in [
+            "c1 0\n",
+            "c1 65536\n",
+            "c1 +80\n",
+            "c1 080\n",
+            "c1  80\n",
+            "../x 80\n",
+            "c1\n",
+            "c1 80 1\n",
+            "c1 \n",
+        ] {
+            assert_eq!(PortForwardHeader::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn port_forward_reply_round_trips_and_is_bounded() {
+        for r in [
+            PortForwardReply::Connected,
+            PortForwardReply::Failed("connection refused".into()),
+        ] {
+            assert_eq!(PortForwardReply::decode(&r.encode()), Some(r));
+        }
+        let long = PortForwardReply::Failed("é\nx".repeat(500)).encode();
+        assert!(long.len() <= PortForwardReply::MAX_LEN, "{}", long.len());
+        assert!(matches!(
+            PortForwardReply::decode(&long),
+            Some(PortForwardReply::Failed(_))
+        ));
+        assert_eq!(PortForwardReply::decode("okay\n"), None);
+        assert_eq!(PortForwardReply::decode("error a\x07b\n"), None);
     }
 }

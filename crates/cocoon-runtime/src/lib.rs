@@ -9,6 +9,7 @@
 
 mod container;
 pub mod network;
+mod portforward;
 mod rundir;
 pub mod spec;
 

@@ -15,6 +15,7 @@ mod metrics;
 mod monitor;
 mod options;
 mod pod;
+mod portforward;
 mod process;
 mod service;
 mod start;

@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub pod: tokio::sync::Mutex<Option<Box<dyn PodHandle>>>,
     pub info: Mutex<Option<PodInfo>>,
     pub table: Mutex<Table>,
+    /// Port forwarding into the pod, when its sandbox has a network namespace.
+    pub forwarder: tokio::sync::Mutex<Option<crate::portforward::PortForwarder>>,
 }
 
 #[derive(Clone)]
@@ -89,6 +91,7 @@ impl Service {
                 pod: tokio::sync::Mutex::new(None),
                 info: Mutex::new(None),
                 table: Mutex::new(Table::default()),
+                forwarder: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -232,14 +235,37 @@ impl Service {
         *pod = Some(sandbox);
         drop(pod);
         crate::monitor::spawn(self.clone(), info.channel.clone());
+        if let Some(netns) = network_namespace(spec) {
+            let id = Id::container(&req.id)?;
+            match crate::portforward::PortForwarder::start(&netns, id, info.channel.clone()).await {
+                Ok(f) => *self.s.forwarder.lock().await = Some(f),
+                Err(e) => tracing::warn!("no port forwarding: {}", cocoon_runtime::error_chain(&e)),
+            }
+        }
         Ok(info)
     }
 
     pub(crate) async fn stop_pod(&self) {
+        if let Some(f) = self.s.forwarder.lock().await.take() {
+            f.stop().await;
+        }
         let pod = self.s.pod.lock().await.take();
         *self.s.info.lock().unwrap() = None;
         if let Some(p) = pod {
             p.stop().await;
         }
     }
+}
+
+/// The network namespace the spec joins (CRI's pod netns), if it names one.
+fn network_namespace(spec: &oci_spec::runtime::Spec) -> Option<std::path::PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
 }

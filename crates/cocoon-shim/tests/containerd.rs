@@ -625,3 +625,124 @@ fn containers_of_a_pod_share_one_vm() {
     assert_eq!(vms_of("e2e-pod"), 1);
     assert_eq!(sandbox.exec("b3", &["true"]).status.code(), Some(0));
 }
+
+/// A network namespace made for a test (as CRI makes a pod's); deleted on
+/// drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Self {
+        // One left by an earlier, killed run.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        let ns = Self(name.into());
+        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.0)
+    }
+
+    fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// What containerd's CRI PortForward does — dial `localhost:<port>` inside
+/// the pod's network namespace — reaches a server in the pod's VM: the
+/// shim listens in the namespace, iptables redirects the loopback to it,
+/// and the agent connects to the port in the guest. A closed port fails at
+/// once; the redirect goes with the pod.
+#[test]
+#[ignore = "needs containerd and boots VMs: run by scripts/test.sh"]
+fn port_forward_through_the_pod_network_namespace() {
+    let ns = Netns::new("cocoon-e2e-pf");
+    let with_ns = format!("network:{}", ns.path());
+    // The container brings its loopback up itself: in a CRI pod the pod's
+    // network setup does, and that is not what this test is about.
+    let t = Task::start(
+        "e2e-portfwd",
+        &["--with-ns", &with_ns, "--cap-add", "CAP_NET_ADMIN"],
+        &[
+            "sh",
+            "-c",
+            "ip link set lo up; mkdir -p /www && echo forwarded-page > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+        ],
+    );
+    t.wait_status("RUNNING");
+    // The shim adds the redirect before the task is created.
+    let rules = text(&ns.exec(&["iptables", "-t", "nat", "-S", "OUTPUT"])).0;
+    assert!(
+        rules.contains("cocoon port forward"),
+        "redirect in the netns: {rules}"
+    );
+    let get = |port: u16| {
+        ns.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://localhost:{port}/"),
+        ])
+    };
+    let mut o = get(8080);
+    for _ in 0..50 {
+        if o.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        o = get(8080);
+    }
+    assert_eq!(text(&o).0, "forwarded-page\n", "{:?}", text(&o));
+    // Several at once, each its own stream.
+    let many: Vec<_> = (0..4)
+        .map(|_| {
+            let p = ns.path();
+            std::thread::spawn(move || {
+                Command::new("nsenter")
+                    .arg(format!("--net={p}"))
+                    .args(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:8080/"])
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in many {
+        let o = h.join().unwrap();
+        assert_eq!(text(&o).0, "forwarded-page\n", "{:?}", text(&o));
+    }
+    let started = std::time::Instant::now();
+    let closed = get(8081);
+    assert!(!closed.status.success(), "{:?}", text(&closed));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "a closed port failed only after {:?}",
+        started.elapsed()
+    );
+    drop(t);
+    let rules = text(&ns.exec(&["iptables", "-t", "nat", "-S", "OUTPUT"])).0;
+    assert!(
+        !rules.contains("cocoon port forward"),
+        "the redirect outlived the pod: {rules}"
+    );
+}

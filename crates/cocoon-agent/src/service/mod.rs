@@ -12,6 +12,7 @@ mod cgroups;
 mod containers;
 mod network;
 mod oom;
+mod portforward;
 mod processes;
 mod rpc;
 mod sandbox;
@@ -152,6 +153,13 @@ pub async fn serve() -> Result<(), ServeError> {
     let agent = Arc::new(Agent::new(reaper, stdio.clone()));
     tokio::spawn(stdio.serve(cocoon_protocols::STREAM_PORT));
     tokio::spawn(oom::watch(agent.clone()));
+    let forwarding = agent.clone();
+    tokio::spawn(async move {
+        let port = cocoon_protocols::PORT_FORWARD_PORT;
+        if let Err(e) = portforward::serve(forwarding, port).await {
+            tracing::error!("port forwarding on vsock port {port}: {e}");
+        }
+    });
     let port = cocoon_protocols::AGENT_PORT;
     let listener =
         tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, port))

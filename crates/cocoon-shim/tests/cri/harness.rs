@@ -7,6 +7,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
@@ -30,10 +31,30 @@ pub fn handler() -> String {
     std::env::var("COCOON_CRI_HANDLER").unwrap_or_else(|_| COCOON.into())
 }
 
+/// Tests that look at the whole host (what appeared anywhere while they
+/// ran, timings) run alone; the others share the host.
+static HOST: RwLock<()> = RwLock::new(());
+
+enum HostGuard {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
 /// Connects, or says why this test is skipped. With `COCOON_TEST_REQUIRE`
 /// set (as `scripts/test.sh` does) a missing requirement fails the test.
 pub fn cri_or_skip(test: &str) -> Option<Cri> {
-    match Cri::connect() {
+    let guard = HostGuard::Shared(HOST.read().unwrap_or_else(|e| e.into_inner()));
+    connect_or_skip(test, guard)
+}
+
+/// As [`cri_or_skip`], for a test that must be the only one running.
+pub fn cri_alone_or_skip(test: &str) -> Option<Cri> {
+    let guard = HostGuard::Alone(HOST.write().unwrap_or_else(|e| e.into_inner()));
+    connect_or_skip(test, guard)
+}
+
+fn connect_or_skip(test: &str, guard: HostGuard) -> Option<Cri> {
+    match Cri::connect(guard) {
         Ok(c) => Some(c),
         Err(why) => {
             if std::env::var_os("COCOON_TEST_REQUIRE").is_some() {
@@ -57,10 +78,12 @@ pub struct Cri {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     pub socket: PathBuf,
+    // Last: released after everything else of the test.
+    _host: HostGuard,
 }
 
 impl Cri {
-    fn connect() -> Result<Self, String> {
+    fn connect(host: HostGuard) -> Result<Self, String> {
         let socket = std::env::var("COCOON_TEST_CONTAINERD").map_err(|_| {
             "COCOON_TEST_CONTAINERD is not set: start containerd with scripts/containerd.sh \
              (scripts/test.sh does)"
@@ -93,6 +116,7 @@ impl Cri {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
             socket,
+            _host: host,
         };
         let v = cri
             .rt
@@ -252,6 +276,17 @@ impl Cri {
         Ok(self.block_on(self.rs().exec(req))?.into_inner().url)
     }
 
+    /// The streaming URL of a port forward.
+    pub fn port_forward_url(&self, pod: &str, ports: &[i32]) -> Result<String, Error> {
+        Ok(self
+            .block_on(self.rs().port_forward(PortForwardRequest {
+                pod_sandbox_id: pod.into(),
+                port: ports.to_vec(),
+            }))?
+            .into_inner()
+            .url)
+    }
+
     pub fn list_pods(&self) -> Result<Vec<PodSandbox>, Error> {
         Ok(self
             .block_on(
@@ -274,6 +309,15 @@ impl Cri {
             pod_sandbox_id: id.into(),
         }))?;
         Ok(())
+    }
+
+    /// Whether sandbox `id` is served by a shim of another containerd.
+    pub fn foreign_sandbox(&self, id: &str) -> bool {
+        let sock = self.socket.to_string_lossy().into_owned();
+        let shim_id = format!("-id {id} ");
+        processes().into_iter().any(|(_, c)| {
+            c.contains("containerd-shim") && c.contains(&shim_id) && !c.contains(&sock)
+        })
     }
 
     /// Shims of this containerd (their command line names its socket).

@@ -136,3 +136,68 @@ pub async fn exec(
         .map_err(|_| format!("exec session still open after {limit:?}"))??;
     Ok(out)
 }
+
+/// What one forwarded connection carried.
+#[derive(Debug, Default)]
+pub struct Forwarded {
+    pub data: Vec<u8>,
+    pub error: String,
+}
+
+/// Runs one port-forward session of a single port (the URL CRI's
+/// PortForward returned): each channel's first message is the port (2
+/// bytes, little-endian); channel 0 carries the connection's bytes, channel
+/// 1 the server's error text. Sends `request`, collects until the server
+/// closes, within `limit`.
+pub async fn port_forward(
+    url: &str,
+    port: u16,
+    request: &[u8],
+    limit: Duration,
+) -> Result<Forwarded, String> {
+    let mut ws = open(url, PROTOCOL).await?;
+    let mut m = vec![0u8];
+    m.extend_from_slice(request);
+    ws.send(Message::binary(m))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Forwarded::default();
+    let mut prefixed = [false; 2];
+    let mut error = Vec::new();
+    let collect = async {
+        while let Some(msg) = ws.next().await {
+            let data = match msg {
+                Ok(Message::Binary(b)) => b.to_vec(),
+                Ok(Message::Close(_)) => break,
+                Ok(_) => continue,
+                Err(_) => break,
+            };
+            let Some((&ch, mut rest)) = data.split_first() else {
+                continue;
+            };
+            let ch = usize::from(ch);
+            if ch > 1 {
+                return Err(format!("message on channel {ch}"));
+            }
+            if !prefixed[ch] {
+                if rest.len() < 2 || u16::from_le_bytes([rest[0], rest[1]]) != port {
+                    return Err(format!(
+                        "channel {ch} did not start with port {port}: {rest:?}"
+                    ));
+                }
+                prefixed[ch] = true;
+                rest = &rest[2..];
+            }
+            match ch {
+                0 => out.data.extend_from_slice(rest),
+                _ => error.extend_from_slice(rest),
+            }
+        }
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(limit, collect)
+        .await
+        .map_err(|_| format!("port-forward session still open after {limit:?}"))??;
+    out.error = String::from_utf8_lossy(&error).into_owned();
+    Ok(out)
+}

@@ -1,0 +1,126 @@
+//! Port forwarding: the host opens a connection on
+//! [`cocoon_protocols::PORT_FORWARD_PORT`] naming a container and a port;
+//! the agent connects to `localhost:<port>` in that container's network
+//! namespace (the pod's), answers whether it could, and splices the bytes
+//! both ways until either side is done.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_protocols::{PortForwardHeader, PortForwardReply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Agent;
+
+/// How long the host may take to send its header line.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to the port in the guest may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Forwarded connections open at once; more wait for one to end.
+const MAX_CONNECTIONS: usize = 128;
+/// The copy buffer of each direction.
+const BUFFER: usize = 64 * 1024;
+
+/// Serves the port-forward port until the agent stops.
+pub async fn serve(agent: Arc<Agent>, port: u32) -> std::io::Result<()> {
+    let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, port);
+    let listener = tokio_vsock::VsockListener::bind(addr)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let (conn, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = forward(&agent, conn).await {
+                tracing::warn!("port forward: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn read_line(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    max: usize,
+) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    loop {
+        let b = conn.read_u8().await?;
+        if b == b'\n' {
+            return String::from_utf8(line).map_err(std::io::Error::other);
+        }
+        line.push(b);
+        if line.len() >= max {
+            return Err(std::io::Error::other("port-forward header too long"));
+        }
+    }
+}
+
+async fn forward(agent: &Agent, mut conn: tokio_vsock::VsockStream) -> std::io::Result<()> {
+    let line = tokio::time::timeout(
+        HEADER_TIMEOUT,
+        read_line(&mut conn, PortForwardHeader::MAX_LEN),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("no port-forward header within 10s"))??;
+    let header = PortForwardHeader::decode(&line)
+        .ok_or_else(|| std::io::Error::other(format!("bad port-forward header {line:?}")))?;
+    let target = match connect(agent, &header).await {
+        Ok(t) => t,
+        Err(why) => {
+            let reply = PortForwardReply::Failed(why.clone());
+            conn.write_all(reply.encode().as_bytes()).await?;
+            conn.shutdown(std::net::Shutdown::Both)?;
+            return Err(std::io::Error::other(why));
+        }
+    };
+    let mut target = tokio::net::TcpStream::from_std(target)?;
+    conn.write_all(PortForwardReply::Connected.encode().as_bytes())
+        .await?;
+    tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut target, BUFFER, BUFFER).await?;
+    Ok(())
+}
+
+/// Connects to `localhost:<port>` (IPv4, then IPv6, as containerd does) in
+/// the network namespace of the container's init, from a thread of its own
+/// (`setns` changes the calling thread; the thread ends after).
+async fn connect(agent: &Agent, h: &PortForwardHeader) -> Result<std::net::TcpStream, String> {
+    let pid = agent
+        .process(&h.container_id, None, |p| p.pid)
+        .map_err(|e| e.to_string())?;
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("network namespace of container {}: {e}", h.container_id))?;
+    let port = h.port;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("port-forward".into())
+        .spawn(move || {
+            let r = (|| {
+                // SAFETY: setns on an open namespace fd; it changes only this
+                // thread, which exists for this connect alone.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(format!(
+                        "enter the network namespace: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+                let s =
+                    std::net::TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT).or_else(|e4| {
+                        std::net::TcpStream::connect_timeout(&v6, CONNECT_TIMEOUT).map_err(|e6| {
+                            format!("connect to localhost:{port}: IPv4: {e4}, IPv6: {e6}")
+                        })
+                    })?;
+                s.set_nonblocking(true)
+                    .map_err(|e| format!("connect to localhost:{port}: {e}"))?;
+                Ok(s)
+            })();
+            let _ = tx.send(r);
+        })
+        .map_err(|e| format!("start a thread: {e}"))?;
+    rx.await
+        .map_err(|_| "the connecting thread died".to_string())?
+}

@@ -76,11 +76,43 @@ async fn forward(agent: &Agent, mut conn: tokio_vsock::VsockStream) -> std::io::
             return Err(std::io::Error::other(why));
         }
     };
-    let mut target = tokio::net::TcpStream::from_std(target)?;
+    let target = tokio::net::TcpStream::from_std(target)?;
     conn.write_all(PortForwardReply::Connected.encode().as_bytes())
         .await?;
-    tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut target, BUFFER, BUFFER).await?;
-    Ok(())
+    splice(conn, target).await
+}
+
+/// Copies both ways. When the port's side ends, the whole connection to
+/// the host is closed, not half-closed: a vsock half-close does not reach
+/// the host's end through every vsock backend (hybrid vsock forwards only
+/// the close), and containerd ends the session when either way ends.
+async fn splice(
+    conn: tokio_vsock::VsockStream,
+    target: tokio::net::TcpStream,
+) -> std::io::Result<()> {
+    let (mut from_port, mut to_port) = target.into_split();
+    let (mut from_host, mut to_host) = tokio::io::split(conn);
+    let port_to_host = async {
+        let mut r = tokio::io::BufReader::with_capacity(BUFFER, &mut from_port);
+        let copied = tokio::io::copy_buf(&mut r, &mut to_host).await;
+        let _ = to_host.shutdown().await;
+        copied
+    };
+    let host_to_port = async {
+        let mut r = tokio::io::BufReader::with_capacity(BUFFER, &mut from_host);
+        let copied = tokio::io::copy_buf(&mut r, &mut to_port).await;
+        let _ = to_port.shutdown().await;
+        copied
+    };
+    tokio::pin!(port_to_host);
+    tokio::select! {
+        r = &mut port_to_host => r.map(drop),
+        // The host is done sending: the port may still answer.
+        r = host_to_port => {
+            r?;
+            port_to_host.await.map(drop)
+        }
+    }
 }
 
 /// Connects to `localhost:<port>` (IPv4, then IPv6, as containerd does) in

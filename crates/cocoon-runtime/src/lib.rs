@@ -404,7 +404,9 @@ impl Sandbox {
     /// as its root filesystem and each host bind mount of `spec` (files
     /// and directories, with the spec's ro/rw), rewrites `spec` for the
     /// guest and creates it there. On failure nothing of it is left: the
-    /// shares are undone.
+    /// shares are undone. A namespace type missing from `spec` is the
+    /// guest's (the VM's); a front end serving a request for the host's
+    /// refuses it first ([`spec::check_namespaces`]).
     pub async fn create_container(
         &mut self,
         id: &Id,
@@ -412,7 +414,6 @@ impl Sandbox {
         rootfs: &Path,
         terminal: bool,
     ) -> Result<Container, cocoon_protocols::Error> {
-        spec::check_namespaces(&spec, id.as_str())?;
         let shared = self.share_container(id, &mut spec, rootfs);
         let created = match shared {
             Ok(()) => self.channel().create_container(id, &spec, terminal).await,

@@ -2,8 +2,9 @@
 //! tested without a VM.
 //!
 //! - The VM is the pod: a spec that shares a namespace of the host
-//!   (`hostNetwork`, `hostIPC`, `hostPID`) cannot be served and is refused
-//!   ([`check_namespaces`]).
+//!   (`hostNetwork`, `hostIPC`, `hostPID`) cannot be served: front ends
+//!   refuse it with [`check_namespaces`] before a VM boots (to the runtime
+//!   itself, a missing namespace is the guest's).
 //! - Every container runs in the guest's network namespace, which the
 //!   agent configures as the pod's: the network namespace entry goes.
 //! - A path given for the IPC, UTS or PID namespace names a namespace of

@@ -556,13 +556,23 @@ fn stop_container_ends_on_sigterm() {
             ContainerState::ContainerExited,
             Duration::from_secs(5),
         );
-        eprintln!("{name}: StopContainer took {took:?}, exit code {}", s.exit_code);
+        eprintln!(
+            "{name}: StopContainer took {took:?}, exit code {}",
+            s.exit_code
+        );
         assert!(
             took < Duration::from_secs(10),
             "{name}: StopContainer took {took:?}"
         );
-        assert_eq!(s.state, ContainerState::ContainerExited as i32, "{name}: {s:?}");
-        assert_ne!(s.exit_code, 137, "{name}: killed, not stopped by SIGTERM: {s:?}");
+        assert_eq!(
+            s.state,
+            ContainerState::ContainerExited as i32,
+            "{name}: {s:?}"
+        );
+        assert_ne!(
+            s.exit_code, 137,
+            "{name}: killed, not stopped by SIGTERM: {s:?}"
+        );
     }
     pod.remove();
 }

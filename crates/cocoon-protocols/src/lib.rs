@@ -42,6 +42,11 @@ pub mod agent_ttrpc {
 /// Vsock port of the agent's ttrpc service.
 pub const AGENT_PORT: u32 = 1024;
 
+/// What the agent prints on the console once it serves [`AGENT_PORT`]:
+/// the host waits for it before its first connection (a hint only: the
+/// boot deadline stands whatever the guest prints).
+pub const AGENT_READY: &str = "agent ready on vsock port";
+
 /// Vsock port of the agent's stdio streams. A connection starts with one
 /// header line (see [`StreamHeader`]), then carries raw bytes one way.
 pub const STREAM_PORT: u32 = 1025;

@@ -580,6 +580,23 @@ impl Channel {
 }
 
 /// Connects to the agent, retrying until it answers a ping or `timeout` passes.
+/// Waits (at most `limit`) until the console shows the agent's ready line,
+/// or the VM exits. Connecting earlier sends hybrid vsock CONNECTs while the
+/// guest's vsock driver is not up; abandoned ones were seen to leave
+/// vhost-device-vsock answering no later connection (boots that timed out
+/// with the agent ready). Past `limit` (a console that says nothing, or a
+/// flood that hides the line), connecting starts anyway.
+async fn wait_for_ready_line(id: &Id, vm: &mut dyn Vm, limit: Duration) {
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if vm.try_wait().is_some() || vm.console_tail(40).contains(cocoon_protocols::AGENT_READY) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(sandbox = %id, "no agent ready line on the console after {limit:?}; connecting anyway");
+}
+
 async fn connect_agent(
     id: &Id,
     vm: &mut dyn Vm,
@@ -589,6 +606,7 @@ async fn connect_agent(
     let start = std::time::Instant::now();
     let mut attempts = 0;
     let mut last = String::from("none");
+    wait_for_ready_line(id, vm, timeout / 2).await;
     loop {
         attempts += 1;
         if let Some(status) = vm.try_wait() {

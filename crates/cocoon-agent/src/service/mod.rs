@@ -169,7 +169,8 @@ pub async fn serve() -> Result<(), ServeError> {
         .register_service(agent_ttrpc::create_agent(Arc::new(rpc::Rpc::new(agent))));
     server.start().await.map_err(ServeError::Ttrpc)?;
     tracing::info!(
-        "agent ready on vsock port {port}, {} ms after the kernel started",
+        "{} {port}, {} ms after the kernel started",
+        cocoon_protocols::AGENT_READY,
         crate::init::uptime_ms()
     );
     std::future::pending::<()>().await;

@@ -98,7 +98,7 @@ impl From<Error> for cocoon_protocols::Error {
                 source.clone(),
             ),
             Error::Network { source, .. } => match source {
-                network::Error::HostNetns { .. } => P::FailedPrecondition(msg),
+                network::Error::HostNetns { .. } => P::InvalidArgument(msg),
                 e if e.is_not_found() => P::FailedPrecondition(msg),
                 _ => P::Internal(msg),
             },
@@ -135,7 +135,8 @@ fn tmpfs_size(path: &Path) -> Option<u64> {
 }
 
 /// A bind mount source of container `id` that could not be shared: a
-/// missing path is the caller's NotFound, anything else its bad argument.
+/// missing path is the caller's NotFound, anything else (EACCES, EIO, a
+/// failed mount) the host's Internal.
 fn bind_error(id: &Id, source: &Path, e: Error) -> cocoon_protocols::Error {
     let missing =
         matches!(&e, Error::Host { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
@@ -147,7 +148,7 @@ fn bind_error(id: &Id, source: &Path, e: Error) -> cocoon_protocols::Error {
     if missing {
         cocoon_protocols::Error::NotFound(msg)
     } else {
-        cocoon_protocols::Error::InvalidArgument(msg)
+        cocoon_protocols::Error::Internal(msg)
     }
 }
 
@@ -194,8 +195,8 @@ pub struct SandboxOptions {
 impl SandboxOptions {
     /// What the OCI spec of a pod's first (sandbox) container asks for:
     /// the network namespace it names by path. A spec that asks for a new,
-    /// unnamed one (`ctr run`) gets no network, as does one with none
-    /// (a host-network pod, which a VM cannot serve).
+    /// unnamed one (`ctr run`) gets no network. (One with none, a
+    /// host-network pod, is refused by the front ends before this.)
     pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Self {
         let netns = spec
             .linux()
@@ -205,7 +206,8 @@ impl SandboxOptions {
                 ns.iter()
                     .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
             })
-            .and_then(|n| n.path().clone());
+            .and_then(|n| n.path().clone())
+            .filter(|p| !p.as_os_str().is_empty());
         Self { netns }
     }
 }

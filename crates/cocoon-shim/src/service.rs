@@ -232,40 +232,30 @@ impl Service {
             Path::new(&req.bundle).join(SANDBOX_POINTER),
             sandbox.run_dir().as_os_str().as_encoded_bytes(),
         );
-        *pod = Some(sandbox);
-        drop(pod);
-        crate::monitor::spawn(self.clone(), info.channel.clone());
-        if let Some(netns) = network_namespace(spec) {
+        // Under the pod lock, so that a stop_pod (which takes it first)
+        // finds the forwarder with the pod.
+        if let Some(netns) = cocoon_runtime::SandboxOptions::from_spec(spec).netns {
             let id = Id::container(&req.id)?;
             match crate::portforward::PortForwarder::start(&netns, id, info.channel.clone()).await {
                 Ok(f) => *self.s.forwarder.lock().await = Some(f),
                 Err(e) => tracing::warn!("no port forwarding: {}", cocoon_runtime::error_chain(&e)),
             }
         }
+        *pod = Some(sandbox);
+        drop(pod);
+        crate::monitor::spawn(self.clone(), info.channel.clone());
         Ok(info)
     }
 
     pub(crate) async fn stop_pod(&self) {
+        // The pod lock first: an ensure_pod in flight has set both by then.
+        let pod = self.s.pod.lock().await.take();
         if let Some(f) = self.s.forwarder.lock().await.take() {
             f.stop().await;
         }
-        let pod = self.s.pod.lock().await.take();
         *self.s.info.lock().unwrap() = None;
         if let Some(p) = pod {
             p.stop().await;
         }
     }
-}
-
-/// The network namespace the spec joins (CRI's pod netns), if it names one.
-fn network_namespace(spec: &oci_spec::runtime::Spec) -> Option<std::path::PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
-        .path()
-        .clone()
-        .filter(|p| !p.as_os_str().is_empty())
 }

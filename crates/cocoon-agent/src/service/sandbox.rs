@@ -78,7 +78,13 @@ pub fn ensure_pod_shm(size: u64) -> Result<()> {
 /// A key is a dotted or slashed name under `/proc/sys/net`, nothing else.
 pub fn apply_net_sysctls(sysctls: &std::collections::HashMap<String, String>) -> Result<()> {
     for (key, value) in sysctls {
-        let rel = key.replace('.', "/");
+        // `net.ipv4.conf.eth0/100.rp_filter` is not a thing: a key is all
+        // dots or all slashes (where a dot may be part of a name).
+        let rel = if key.contains('/') {
+            key.clone()
+        } else {
+            key.replace('.', "/")
+        };
         let valid = rel.starts_with("net/")
             && rel
                 .split('/')

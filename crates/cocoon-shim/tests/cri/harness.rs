@@ -5,6 +5,7 @@
 //! on the host: no shim, VMM or helper daemon, no state directory, no
 //! mount, no process in its network namespace, no tap or tc filter in it.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -186,6 +187,7 @@ impl Cri {
             config,
             netns: None,
             netns_ino: None,
+            netns_file: None,
             logs,
             started_in,
             removed: false,
@@ -206,6 +208,9 @@ impl Cri {
             .as_ref()
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| (m.dev(), m.ino()));
+        // Held open, the namespace outlives StopPodSandbox (which removes
+        // it), so the leftovers check can look inside after the pod.
+        pod.netns_file = pod.netns.as_ref().and_then(|p| std::fs::File::open(p).ok());
         Ok(pod)
     }
 
@@ -425,6 +430,7 @@ pub struct Pod<'a> {
     /// The network namespace CRI made for the pod, and its identity.
     pub netns: Option<PathBuf>,
     netns_ino: Option<(u64, u64)>,
+    netns_file: Option<std::fs::File>,
     pub logs: tempfile::TempDir,
     /// How long RunPodSandbox took.
     pub started_in: Duration,
@@ -496,7 +502,12 @@ impl Pod<'_> {
         let rm = self.cri.remove_pod(&self.id);
         stop.unwrap_or_else(|e| panic!("StopPodSandbox {}: {e}", self.id));
         rm.unwrap_or_else(|e| panic!("RemovePodSandbox {}: {e}", self.id));
-        let left = leftovers(&self.id, self.netns.as_deref(), self.netns_ino);
+        let left = leftovers(
+            &self.id,
+            self.netns.as_deref(),
+            self.netns_ino,
+            self.netns_file.as_ref(),
+        );
         assert!(left.is_empty(), "pod {} left: {left:#?}", self.id);
     }
 }
@@ -508,7 +519,12 @@ impl Drop for Pod<'_> {
         }
         let stop = self.cri.stop_pod(&self.id);
         let rm = self.cri.remove_pod(&self.id);
-        let left = leftovers(&self.id, self.netns.as_deref(), self.netns_ino);
+        let left = leftovers(
+            &self.id,
+            self.netns.as_deref(),
+            self.netns_ino,
+            self.netns_file.as_ref(),
+        );
         // A test that already failed reports its own failure: a second
         // panic here would abort the whole test binary.
         if std::thread::panicking() {
@@ -543,7 +559,12 @@ pub fn processes() -> Vec<(u32, String)> {
 }
 
 /// What sandbox `id` left on the host, waiting up to 10 s for it to go.
-fn leftovers(id: &str, netns: Option<&Path>, netns_ino: Option<(u64, u64)>) -> Vec<String> {
+fn leftovers(
+    id: &str,
+    netns: Option<&Path>,
+    netns_ino: Option<(u64, u64)>,
+    netns_file: Option<&std::fs::File>,
+) -> Vec<String> {
     let state = format!("/run/cocoon/{id}");
     let vm_name = format!("cocoon-{id} ");
     let shim_id = format!("-id {id}");
@@ -578,13 +599,38 @@ fn leftovers(id: &str, netns: Option<&Path>, netns_ino: Option<(u64, u64)>) -> V
         }
         if let Some(ns) = netns.filter(|p| p.exists()) {
             left.push(format!("network namespace {}", ns.display()));
+        }
+        // Inside the namespace, through the fd held since RunPodSandbox
+        // (its path is gone once CRI removed it): no tap, no tc filter, no
+        // port-forward redirect.
+        let inside = netns_file
+            // This process's pid, not `self`: that would be nsenter's.
+            .map(|f| PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd())))
+            .or_else(|| netns.filter(|p| p.exists()).map(Path::to_path_buf));
+        if let Some(ns) = inside {
             let o = std::process::Command::new("nsenter")
                 .arg(format!("--net={}", ns.display()))
-                .args(["sh", "-c", "ip -d -o link show; tc qdisc show"])
+                .args([
+                    "sh",
+                    "-c",
+                    "ip -d -o link show; tc qdisc show; iptables -t nat -S OUTPUT",
+                ])
                 .output();
+            match &o {
+                Ok(o) if o.status.success() => {}
+                // A check that cannot look must not pass.
+                _ => left.push(format!(
+                    "could not look inside the netns {}: {o:?}",
+                    ns.display()
+                )),
+            }
             if let Ok(o) = o {
                 for l in String::from_utf8_lossy(&o.stdout).lines() {
-                    if l.contains(" tun ") || l.contains("tap") || l.contains("ingress") {
+                    if l.contains(" tun ")
+                        || l.contains("tap")
+                        || l.contains("ingress")
+                        || l.contains("REDIRECT")
+                    {
                         left.push(format!("in the netns: {l}"));
                     }
                 }

@@ -114,36 +114,19 @@ pub fn env(config: Option<&Path>) -> i32 {
     let c = &loaded.config;
     let caps = HostCaps::probe();
     println!("# source: {}", loaded.source);
-    println!("[hypervisor]");
-    println!("path = {:?}", c.hypervisor.path);
-    println!(
-        "accel = {:?}  # resolves to {:?} on this host",
-        c.hypervisor.accel,
-        caps.resolve_accel(c.hypervisor.accel)
-    );
-    println!("machine = {:?}", c.hypervisor.machine);
-    println!("vcpus = {}", c.hypervisor.vcpus);
-    println!("memory_mib = {}", c.hypervisor.memory_mib);
-    println!("kernel_params = {:?}", c.hypervisor.kernel_params);
-    println!(
-        "boot_timeout_secs = {}",
-        c.hypervisor.boot_timeout.as_secs_f64()
-    );
-    println!("[guest]");
-    println!("dir = {:?}", c.guest.dir);
-    println!("kernel = {:?}", c.guest.kernel);
-    println!("initrd = {:?}", c.guest.initrd);
-    println!("[virtiofs]");
-    println!("path = {:?}", c.virtiofs.path);
-    println!("cache = {:?}", c.virtiofs.cache);
-    println!("[vsock]");
-    println!(
-        "transport = {:?}  # resolves to {:?} on this host",
-        c.vsock.transport,
-        if caps.vhost_vsock { "vhost" } else { "hybrid" }
-    );
-    println!("backend_path = {:?}", c.vsock.backend_path);
-    println!("[runtime]");
-    println!("state_dir = {:?}", c.runtime.state_dir);
+    // TOML that loads back as this flavour; what `auto` means here is a
+    // comment.
+    let text = c.to_toml(|key| match key {
+        "hypervisor.accel" => Some(format!(
+            "resolves to {:?} on this host",
+            caps.resolve_accel(c.hypervisor.accel)
+        )),
+        "vsock.transport" => Some(format!(
+            "resolves to {} on this host",
+            if caps.vhost_vsock { "vhost" } else { "hybrid" }
+        )),
+        _ => None,
+    });
+    print!("{text}");
     0
 }

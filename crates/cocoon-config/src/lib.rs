@@ -6,6 +6,7 @@
 //! types. Errors name the file, the line and the key at fault.
 
 mod load;
+mod render;
 mod schema;
 
 pub use load::{default_search_paths, load, load_file, Loaded, Source, ENV_CONF_FILE};

@@ -18,20 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// How long a new stream connection may take to name its stream.
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Reads a stream header line, newline excluded, of at most
-/// [`StreamHeader::MAX_LEN`] bytes.
+/// Reads a stream header line, newline excluded.
 async fn read_header(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
-    let mut line = Vec::new();
-    loop {
-        let b = conn.read_u8().await?;
-        if b == b'\n' {
-            return Ok(line);
-        }
-        line.push(b);
-        if line.len() >= StreamHeader::MAX_LEN {
-            return Err(std::io::Error::other("stream header too long"));
-        }
-    }
+    cocoon_protocols::read_line_bounded(conn, StreamHeader::MAX_LEN, "stream header").await
 }
 
 /// The agent's ends of one process's stdio.

@@ -39,6 +39,30 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+/// Reads one line of a handshake (a stream or port-forward header, an
+/// answer), newline excluded, of fewer than `max` bytes: the peer names
+/// its line's length only by ending it, so it is cut off at `max`.
+pub async fn read_line_bounded(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    max: usize,
+    what: &str,
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    loop {
+        let b = r.read_u8().await?;
+        if b == b'\n' {
+            return Ok(line);
+        }
+        line.push(b);
+        if line.len() >= max {
+            return Err(std::io::Error::other(format!(
+                "{what} too long (≥ {max} bytes)"
+            )));
+        }
+    }
+}
+
 /// Vsock port of the agent's ttrpc service.
 pub const AGENT_PORT: u32 = 1024;
 

@@ -4,7 +4,7 @@
 
 use cocoon_hypervisor::VsockStream;
 use cocoon_protocols::{Error, Id, PortForwardHeader, PortForwardReply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::Channel;
 
@@ -25,17 +25,12 @@ impl Channel {
                 .connect(cocoon_protocols::PORT_FORWARD_PORT)
                 .await?;
             s.write_all(header.encode().as_bytes()).await?;
-            let mut line = Vec::new();
-            loop {
-                let b = s.read_u8().await?;
-                if b == b'\n' {
-                    break;
-                }
-                line.push(b);
-                if line.len() >= PortForwardReply::MAX_LEN {
-                    return Err(std::io::Error::other("the agent's answer is too long"));
-                }
-            }
+            let line = cocoon_protocols::read_line_bounded(
+                &mut s,
+                PortForwardReply::MAX_LEN,
+                "the agent's answer",
+            )
+            .await?;
             Ok::<_, std::io::Error>((s, String::from_utf8_lossy(&line).into_owned()))
         };
         let deadline = self.stream_timeout;

@@ -33,12 +33,7 @@ pub enum PortForwardError {
         #[source]
         source: std::io::Error,
     },
-    #[error("enter network namespace {path}")]
-    EnterNetns {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Entering the namespace, or binding in it.
     #[error("listen on 127.0.0.1 in network namespace {path}")]
     Listen {
         path: PathBuf,
@@ -131,45 +126,29 @@ impl PortForwarder {
 }
 
 /// A listener on 127.0.0.1 (ephemeral port) inside the namespace, made on
-/// a thread of its own: `setns` changes the calling thread, and the thread
-/// ends with it. The socket stays in the namespace.
+/// a thread that entered it (the socket stays in the namespace).
 async fn listen_in(path: &Path, netns: &File) -> Result<std::net::TcpListener, PortForwardError> {
     let p = path.to_path_buf();
+    let listen_err = |source| PortForwardError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
     let netns = netns
         .try_clone()
         .map_err(|source| PortForwardError::OpenNetns {
             path: p.clone(),
             source,
         })?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("netns-listen".into())
-        .spawn(move || {
-            let r = (|| {
-                // SAFETY: setns on an open namespace fd; it changes only this
-                // thread, which ends after binding.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(PortForwardError::EnterNetns {
-                        path: p.clone(),
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
-                std::net::TcpListener::bind(("127.0.0.1", 0))
-                    .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                    .map_err(|source| PortForwardError::Listen {
-                        path: p.clone(),
-                        source,
-                    })
-            })();
-            let _ = tx.send(r);
-        });
-    if let Err(source) = thread {
-        return Err(PortForwardError::EnterNetns {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    rx.await.expect("the listen thread sends before it ends")
+    tokio::task::spawn_blocking(move || {
+        cocoon_runtime::network::netns::on_thread(&netns, || {
+            let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+    })
+    .await
+    .map_err(|e| listen_err(std::io::Error::other(e)))?
+    .map_err(listen_err)
 }
 
 /// `iptables -t nat <op> OUTPUT ...`: every TCP connection to the loopback

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_protocols::{PortForwardHeader, PortForwardReply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::Agent;
 
@@ -49,30 +49,18 @@ pub async fn serve(agent: Arc<Agent>, port: u32) -> std::io::Result<()> {
     }
 }
 
-async fn read_line(
-    conn: &mut (impl tokio::io::AsyncRead + Unpin),
-    max: usize,
-) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    loop {
-        let b = conn.read_u8().await?;
-        if b == b'\n' {
-            return String::from_utf8(line).map_err(std::io::Error::other);
-        }
-        line.push(b);
-        if line.len() >= max {
-            return Err(std::io::Error::other("port-forward header too long"));
-        }
-    }
-}
-
 async fn forward(agent: &Agent, mut conn: tokio_vsock::VsockStream) -> std::io::Result<()> {
     let line = tokio::time::timeout(
         HEADER_TIMEOUT,
-        read_line(&mut conn, PortForwardHeader::MAX_LEN),
+        cocoon_protocols::read_line_bounded(
+            &mut conn,
+            PortForwardHeader::MAX_LEN,
+            "port-forward header",
+        ),
     )
     .await
     .map_err(|_| std::io::Error::other("no port-forward header within 10s"))??;
+    let line = String::from_utf8(line).map_err(std::io::Error::other)?;
     let header = PortForwardHeader::decode(&line)
         .ok_or_else(|| std::io::Error::other(format!("bad port-forward header {line:?}")))?;
     let target = match connect(agent, &header).await {

@@ -19,7 +19,7 @@
 //! Nothing here is the guest's to influence: everything is read from the
 //! netns, which CNI configured, before the VM starts.
 
-mod netns;
+pub mod netns;
 mod scan;
 mod tap;
 mod tc;
@@ -337,10 +337,11 @@ pub async fn teardown_recorded(record: &[u8]) -> Result<(), Error> {
         tracing::warn!("unreadable network record: nothing torn down");
         return Ok(());
     };
+    let shown = netns.clone();
     tokio::task::spawn_blocking(move || teardown_blocking(&netns, redirected))
         .await
         .map_err(|e| Error::Netns {
-            netns: PathBuf::new(),
+            netns: shown,
             action: "tear down".into(),
             source: Cause::Io(std::io::Error::other(e)),
         })?

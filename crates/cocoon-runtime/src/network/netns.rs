@@ -63,3 +63,20 @@ where
         .map_err(|_| wrap("netlink thread", Cause::Invalid("panicked".into())))?
         .map_err(|f| wrap(&f.action, f.cause))
 }
+
+/// Runs `f` on a thread of its own that has entered `netns`, and waits for
+/// it: for a socket that must belong to the namespace (a listener), made
+/// without moving any thread of the caller's.
+pub fn on_thread<T: Send>(
+    netns: &File,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    })
+}

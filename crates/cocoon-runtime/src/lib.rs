@@ -445,7 +445,7 @@ impl Sandbox {
                     let name = rundir::ShareName::Volume(bind.index as u32);
                     let rel = self
                         .dir
-                        .share(id, name, &bind.source, bind.access)
+                        .share(id, name, &bind.source, bind.access, bind.propagation)
                         .map_err(|e| bind_error(id, &bind.source, e))?;
                     spec::GuestSource::Shared(rel)
                 }

@@ -66,6 +66,21 @@ pub enum Access {
     ReadWrite,
 }
 
+/// How mounts the host makes below a share's source after it was shared
+/// reach the guest (the bind's `rprivate`, `rslave` or `rshared`).
+/// Nothing the guest mounts ever reaches the host: `Shared` is `Slave`
+/// on the host side of the boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Propagation {
+    /// They do not.
+    #[default]
+    Private,
+    /// They do.
+    Slave,
+    /// They do; the guest's side of `rshared` is the agent's.
+    Shared,
+}
+
 /// The name of a share in its container's directory: Cocoon's own, never
 /// the caller's, so it can neither escape the directory nor collide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -276,7 +291,8 @@ impl RunDir {
 
     /// Shares host path `source` (a file or a directory, and everything
     /// mounted below it) with the guest as `<cid>/<name>`, read-only or
-    /// read-write; returns that path, relative to the guest's share.
+    /// read-write, receiving later host mounts below it or not; returns
+    /// that path, relative to the guest's share.
     /// `source` is the caller's (from the bundle or the spec), so symlinks
     /// in it are followed; what gets mounted is what was opened.
     pub fn share(
@@ -285,10 +301,11 @@ impl RunDir {
         name: ShareName,
         source: &Path,
         access: Access,
+        propagation: Propagation,
     ) -> Result<String> {
         let src =
             safe_fs::open_host(source, OFlag::O_PATH).map_err(host(&self.id, "open", source))?;
-        self.share_fd(cid, name, src, access)
+        self.share_fd(cid, name, src, access, propagation)
     }
 
     /// Shares directory `rootfs` read-write as the root filesystem of
@@ -299,7 +316,13 @@ impl RunDir {
             "open as a rootfs",
             rootfs,
         ))?;
-        self.share_fd(cid, ShareName::Rootfs, src, Access::ReadWrite)
+        self.share_fd(
+            cid,
+            ShareName::Rootfs,
+            src,
+            Access::ReadWrite,
+            Propagation::Private,
+        )
     }
 
     fn share_fd(
@@ -308,6 +331,7 @@ impl RunDir {
         name: ShareName,
         src: OwnedFd,
         access: Access,
+        propagation: Propagation,
     ) -> Result<String> {
         let rel = format!("{cid}/{name}");
         let shown = self.path.join(MOUNTS).join(&rel);
@@ -344,6 +368,7 @@ impl RunDir {
             cdir.as_fd(),
             os(&point),
             access,
+            propagation,
             self.api,
             shared_copy,
         ) {
@@ -352,7 +377,7 @@ impl RunDir {
             report(&self.id, &left);
             return Err(err("bind-mount")(e));
         }
-        tracing::debug!(sandbox = %self.id, container = %cid, share = %rel, ?access, "shared");
+        tracing::debug!(sandbox = %self.id, container = %cid, share = %rel, ?access, ?propagation, "shared");
         Ok(rel)
     }
 

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use cocoon_protocols::{Error, GUEST_SHARE_DIR, GUEST_SHM_DIR};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
-use crate::rundir::Access;
+use crate::rundir::{Access, Propagation};
 
 /// Where the guest finds a host bind mount of the spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,7 @@ pub struct HostBind {
     pub index: usize,
     pub source: PathBuf,
     pub access: Access,
+    pub propagation: Propagation,
     /// The pod's `/dev/shm`, a tmpfs of that many bytes on the host.
     pub pod_shm: Option<u64>,
 }
@@ -99,6 +100,22 @@ fn access(m: &Mount) -> Access {
     }
 }
 
+/// The propagation a bind asks for; the last option naming one wins, as
+/// with runc, and a bind naming none is private (`rprivate`).
+fn propagation(m: &Mount) -> Propagation {
+    let options = m.options().as_deref().unwrap_or_default();
+    options
+        .iter()
+        .rev()
+        .find_map(|o| match o.as_str() {
+            "private" | "rprivate" => Some(Propagation::Private),
+            "slave" | "rslave" => Some(Propagation::Slave),
+            "shared" | "rshared" => Some(Propagation::Shared),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 /// The spec's bind mounts of host paths. `tmpfs_size` tells whether a host
 /// path is a tmpfs, and its size: a tmpfs bound on `/dev/shm` is the pod's
 /// shared memory, which the guest makes its own.
@@ -118,6 +135,7 @@ pub fn host_binds(spec: &Spec, tmpfs_size: impl Fn(&Path) -> Option<u64>) -> Vec
             Some(HostBind {
                 index,
                 access: access(m),
+                propagation: propagation(m),
                 source,
                 pod_shm,
             })
@@ -299,10 +317,10 @@ mod tests {
         mounts.push(bind(
             "/etc/resolv.conf",
             "/pods/p1/resolv.conf",
-            &["rbind", "ro"],
+            &["rbind", "rshared", "ro"],
         ));
         mounts.push(bind("/dev/shm", "/pods/p1/shm", &["rbind", "rw"]));
-        let mut none_bind = bind("/data", "/srv/data", &["bind"]);
+        let mut none_bind = bind("/data", "/srv/data", &["bind", "rshared", "rslave"]);
         none_bind.set_typ(Some("none".into()));
         mounts.push(none_bind);
         spec.set_mounts(Some(mounts));
@@ -316,17 +334,19 @@ mod tests {
                     b.index - first,
                     b.source.to_str().unwrap(),
                     b.access,
+                    b.propagation,
                     b.pod_shm,
                 )
             })
             .collect();
+        use Propagation::*;
         assert_eq!(
             got,
             [
-                (0, "/pods/p1/hosts", Access::ReadWrite, None),
-                (1, "/pods/p1/resolv.conf", Access::ReadOnly, None),
-                (2, "/pods/p1/shm", Access::ReadWrite, Some(1 << 20)),
-                (3, "/srv/data", Access::ReadWrite, None),
+                (0, "/pods/p1/hosts", Access::ReadWrite, Private, None),
+                (1, "/pods/p1/resolv.conf", Access::ReadOnly, Shared, None),
+                (2, "/pods/p1/shm", Access::ReadWrite, Private, Some(1 << 20)),
+                (3, "/srv/data", Access::ReadWrite, Slave, None),
             ]
         );
         // A tmpfs bound elsewhere is an ordinary share.

@@ -95,6 +95,9 @@ pub fn rewrite(
         linux.set_mount_label(None);
     }
     linux.set_cgroups_path(Some(at.cgroup_parent.join(id.as_str())));
+    if let Some(p) = linux.rootfs_propagation().clone() {
+        linux.set_rootfs_propagation(Some(rootfs_propagation(&p, id)?.into()));
+    }
     let mut namespaces: Vec<LinuxNamespace> = linux
         .namespaces()
         .clone()
@@ -159,6 +162,23 @@ pub fn rewrite(
         spec.set_mounts(Some(mounts));
     }
     Ok((spec, setup))
+}
+
+/// The root's propagation as libcontainer names it. containerd's CRI
+/// writes the recursive names (`rslave` for a HostToContainer volume,
+/// `rshared` for a Bidirectional one), as runc accepts; libcontainer
+/// takes only the plain names and applies them recursively anyway.
+fn rootfs_propagation<'a>(p: &'a str, id: &Id) -> Result<&'a str, Error> {
+    match p {
+        "private" | "rprivate" => Ok("private"),
+        "slave" | "rslave" => Ok("slave"),
+        "shared" | "rshared" => Ok("shared"),
+        "unbindable" | "runbindable" => Ok("unbindable"),
+        other => Err(Error::InvalidArgument(format!(
+            "linux.rootfsPropagation {other:?} of container {id} is not one of \
+             private, slave, shared, unbindable (or their r-forms)"
+        ))),
+    }
 }
 
 /// Drops the AppArmor profile and SELinux label of `process` (of
@@ -453,5 +473,32 @@ mod tests {
             .find(|m| m.source().as_deref() == Some(Path::new(GUEST_SHM_DIR)))
             .unwrap();
         assert_eq!(m.options().as_ref().unwrap(), &["rbind", "rw"]);
+    }
+
+    #[test]
+    fn rootfs_propagation_takes_cris_recursive_names() {
+        for (given, kept) in [
+            ("rslave", "slave"),
+            ("rshared", "shared"),
+            ("private", "private"),
+            ("runbindable", "unbindable"),
+        ] {
+            let mut spec = with_root("c1/rootfs");
+            let mut linux = spec.linux().clone().unwrap();
+            linux.set_rootfs_propagation(Some(given.into()));
+            spec.set_linux(Some(linux));
+            let (spec, _) = rewrite(spec, &id(), false, &at()).unwrap();
+            let got = spec.linux().as_ref().unwrap().rootfs_propagation().clone();
+            assert_eq!(got.as_deref(), Some(kept), "{given}");
+        }
+        let mut spec = with_root("c1/rootfs");
+        let mut linux = spec.linux().clone().unwrap();
+        linux.set_rootfs_propagation(Some("sideways".into()));
+        spec.set_linux(Some(linux));
+        let e = rewrite(spec, &id(), false, &at()).unwrap_err().to_string();
+        assert!(
+            e.contains("rootfsPropagation") && e.contains("sideways"),
+            "{e}"
+        );
     }
 }

@@ -9,8 +9,12 @@
 //! (propagation copies a mount's flags, but a later remount does not
 //! propagate), read-only applies to every submount of a recursive bind,
 //! and the guest never sees a moment where a read-only share is writable.
-//! The bind also leaves the source's peer group (made private before it is
-//! attached), so it joins no propagation with the host's mount of it.
+//! A private bind (`rprivate`, the default) leaves the source's peer
+//! group before it is attached, so it joins no propagation with the
+//! host's mount of it. An `rslave` or `rshared` bind becomes a slave of
+//! that group and a shared mount of its own: mounts the host makes below
+//! the source reach it, and from it the guest's copy under `shared/`
+//! (and virtiofsd's), never the other way.
 //!
 //! Older kernels get `mount(MS_BIND)` from `/proc/self/fd/N` and a remount
 //! of both copies (`mounts/…` and, explicitly, `shared/…`); a read-only
@@ -29,7 +33,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::stat::SFlag;
 
 use super::safe_fs::{errno, is_type, open_beneath, proc_path, unmount, Cross};
-use super::Access;
+use super::{Access, Propagation};
 
 /// Which kernel interface makes the bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +56,7 @@ pub fn bind(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     access: Access,
+    propagation: Propagation,
     api: Api,
     shared_copy: impl FnOnce() -> io::Result<OwnedFd>,
 ) -> io::Result<()> {
@@ -61,7 +66,7 @@ pub fn bind(
         return Err(errno(Errno::ELOOP));
     }
     if api == Api::Auto {
-        match bind_detached(source, target.as_fd(), access) {
+        match bind_detached(source, target.as_fd(), access, propagation) {
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {}
             done => return done,
         }
@@ -70,6 +75,7 @@ pub fn bind(
         source,
         target.as_fd(),
         access,
+        propagation,
         || {
             // The root of the mount now on the mount point: `target` still
             // names the directory under it.
@@ -88,7 +94,12 @@ pub fn bind(
 /// (The guest is unaffected: it executes and opens devices itself.)
 const HOST_ATTRS: u64 = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
 
-fn bind_detached(source: BorrowedFd<'_>, target: BorrowedFd<'_>, access: Access) -> io::Result<()> {
+fn bind_detached(
+    source: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    access: Access,
+    propagation: Propagation,
+) -> io::Result<()> {
     let tree = open_tree(
         source,
         libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32,
@@ -97,7 +108,15 @@ fn bind_detached(source: BorrowedFd<'_>, target: BorrowedFd<'_>, access: Access)
     if access == Access::ReadOnly {
         attr_set |= libc::MOUNT_ATTR_RDONLY;
     }
-    mount_setattr(tree.as_fd(), attr_set, libc::MS_PRIVATE)?;
+    match propagation {
+        Propagation::Private => mount_setattr(tree.as_fd(), attr_set, libc::MS_PRIVATE)?,
+        Propagation::Slave | Propagation::Shared => {
+            mount_setattr(tree.as_fd(), attr_set, libc::MS_SLAVE)?;
+            // Shared as well, so that it passes on what it receives to
+            // its copies under `shared/` (made when it is attached).
+            mount_setattr(tree.as_fd(), 0, libc::MS_SHARED)?;
+        }
+    }
     // Closing an unattached tree dissolves it: an error here leaks nothing.
     move_mount(tree.as_fd(), target)
 }
@@ -106,6 +125,7 @@ fn bind_legacy(
     source: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
     access: Access,
+    propagation: Propagation,
     top: impl FnOnce() -> io::Result<OwnedFd>,
     shared_copy: impl FnOnce() -> io::Result<OwnedFd>,
 ) -> io::Result<()> {
@@ -133,9 +153,28 @@ fn bind_legacy(
         }
         mount(none, &proc_path(mnt.as_fd()), none, flags, none).map_err(errno)
     };
-    remount(top()?)?;
+    let (top, copy) = (top()?, shared_copy()?);
+    // Attached at once, the bind joined the source's peer group (if the
+    // host's mount is shared), and its copy under `shared/` became its
+    // slave: a private bind makes the copy private too, or it would stay
+    // a slave of the host's group.
+    let rec = |mnt: &OwnedFd, flag| {
+        let p = proc_path(mnt.as_fd());
+        mount(none, &p, none, flag | MsFlags::MS_REC, none).map_err(errno)
+    };
+    match propagation {
+        Propagation::Private => {
+            rec(&top, MsFlags::MS_PRIVATE)?;
+            rec(&copy, MsFlags::MS_PRIVATE)?;
+        }
+        Propagation::Slave | Propagation::Shared => {
+            rec(&top, MsFlags::MS_SLAVE)?;
+            rec(&top, MsFlags::MS_SHARED)?;
+        }
+    }
+    remount(top)?;
     // A remount does not propagate: the guest's copy needs its own.
-    remount(shared_copy()?)
+    remount(copy)
 }
 
 fn open_tree(source: BorrowedFd<'_>, flags: u32) -> io::Result<OwnedFd> {

@@ -228,19 +228,37 @@ fn read_only_shares_stay_read_only(legacy: bool) {
     let file = s.dir_with("files", &["hosts", "log"]);
     let c = Id::container("c").unwrap();
     let ro = |n| ShareName::Volume(n);
-    assert_eq!(run.share(&c, ro(0), &vol, Access::ReadOnly).unwrap(), "c/0");
     assert_eq!(
-        run.share(&c, ro(1), &file.join("hosts"), Access::ReadOnly)
+        run.share(&c, ro(0), &vol, Access::ReadOnly, Propagation::Private)
             .unwrap(),
+        "c/0"
+    );
+    assert_eq!(
+        run.share(
+            &c,
+            ro(1),
+            &file.join("hosts"),
+            Access::ReadOnly,
+            Propagation::Private
+        )
+        .unwrap(),
         "c/1"
     );
     assert_eq!(
-        run.share(&c, ro(2), &file.join("log"), Access::ReadWrite)
-            .unwrap(),
+        run.share(
+            &c,
+            ro(2),
+            &file.join("log"),
+            Access::ReadWrite,
+            Propagation::Private
+        )
+        .unwrap(),
         "c/2"
     );
     // A share of the same name is refused, and the first one stays.
-    assert!(run.share(&c, ro(0), &vol, Access::ReadWrite).is_err());
+    assert!(run
+        .share(&c, ro(0), &vol, Access::ReadWrite, Propagation::Private)
+        .is_err());
 
     let shared = run.shared().to_path_buf();
     let mounts = run.path().join("mounts");
@@ -295,8 +313,14 @@ fn teardown_leaves_no_mount_and_no_directory() {
     let mut run = RunDir::create(&state, &id("pod")).unwrap();
     let dir = run.path().to_path_buf();
     run.share_rootfs(&c1, &rootfs1).unwrap();
-    run.share(&c1, ShareName::Volume(0), &vol, Access::ReadOnly)
-        .unwrap();
+    run.share(
+        &c1,
+        ShareName::Volume(0),
+        &vol,
+        Access::ReadOnly,
+        Propagation::Private,
+    )
+    .unwrap();
     run.share_rootfs(&c2, &rootfs2).unwrap();
     assert!(is_mount_point(&dir.join("shared/c2/rootfs/proc")));
 
@@ -460,6 +484,7 @@ fn nothing_propagates_into_peers_of_a_shared_parent() {
         ShareName::Volume(0),
         &rootfs,
         Access::ReadOnly,
+        Propagation::Private,
     )
     .unwrap();
     // At most the directory's own bind appears in the peer, empty of mounts.
@@ -597,4 +622,70 @@ fn a_sandbox_does_not_claim_its_prefix_siblings() {
 fn share_names() {
     assert_eq!(ShareName::Rootfs.to_string(), "rootfs");
     assert_eq!(ShareName::Volume(7).to_string(), "7");
+}
+
+/// A host mount made below a shared source after it was shared reaches
+/// the guest's copy for `rslave` and `rshared` binds, not for `rprivate`
+/// ones; removal takes the copies and leaves the host's mounts.
+fn later_host_mounts_reach_the_guest(legacy: bool) {
+    let s = Scratch::new(if legacy {
+        "propagation legacy"
+    } else {
+        "propagation"
+    });
+    let mut run = RunDir::create(&s.state(), &id("pod")).unwrap();
+    if legacy {
+        run.use_legacy_binds();
+    }
+    // The host's volume: a shared mount, as kubelet's are.
+    let vol = s.root.join("volume");
+    tmpfs(&vol);
+    let none = None::<&str>;
+    mount(none, &vol, none, MsFlags::MS_SHARED, none).unwrap();
+    for dir in ["private", "slave", "shared"] {
+        fs::create_dir(vol.join(dir)).unwrap();
+    }
+    let c = Id::container("c").unwrap();
+    let cases = [
+        (0, "private", Propagation::Private, false),
+        (1, "slave", Propagation::Slave, true),
+        (2, "shared", Propagation::Shared, true),
+    ];
+    for (n, dir, propagation, _) in cases {
+        let name = ShareName::Volume(n);
+        run.share(&c, name, &vol.join(dir), Access::ReadOnly, propagation)
+            .unwrap();
+    }
+    // Mounted on the host afterwards.
+    for (_, dir, _, _) in cases {
+        tmpfs(&vol.join(dir).join("later"));
+        fs::write(vol.join(dir).join("later/file"), dir).unwrap();
+    }
+    let shared = run.shared().to_path_buf();
+    for (n, dir, _, reaches) in cases {
+        let seen = shared.join(format!("c/{n}/later/file"));
+        assert_eq!(seen.exists(), reaches, "{dir}: {}", seen.display());
+        if reaches {
+            assert_eq!(fs::read_to_string(&seen).unwrap(), dir);
+            // What propagates keeps its own flags; the share stays read-only.
+            assert_eq!(create_errno(&shared.join(format!("c/{n}/x"))), EROFS);
+        }
+    }
+    run.remove().unwrap();
+    for (_, dir, _, _) in cases {
+        let later = vol.join(dir).join("later");
+        assert!(is_mount_point(&later), "{}", later.display());
+        assert_eq!(fs::read_to_string(later.join("file")).unwrap(), dir);
+    }
+    assert_eq!(mounted_below(&s.state()), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn later_host_mounts_reach_the_guest_new_mount_api() {
+    later_host_mounts_reach_the_guest(false);
+}
+
+#[test]
+fn later_host_mounts_reach_the_guest_legacy_mount() {
+    later_host_mounts_reach_the_guest(true);
 }

@@ -38,6 +38,8 @@ macro_rules! cri_alone_or_skip {
     };
 }
 
+mod volumes;
+
 const SLEEPER: &[&str] = &["sleep", "100000"];
 
 fn sh(script: &str) -> Vec<&str> {

@@ -50,6 +50,7 @@ cocoon image build --agent target/release/cocoon-agent --out /var/lib/cocoon/gue
 
 [ -e /etc/cocoon/configuration.toml ] || install -D -m 0644 configs/q35.toml /etc/cocoon/configuration.toml
 [ -e /etc/cocoon/microvm.toml ] || install -D -m 0644 configs/microvm.toml /etc/cocoon/microvm.toml
+[ -e /etc/cocoon/q35-tcg.toml ] || install -D -m 0644 configs/q35-tcg.toml /etc/cocoon/q35-tcg.toml
 
 say "cocoon check"
 cocoon check

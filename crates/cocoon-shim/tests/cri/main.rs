@@ -38,6 +38,7 @@ macro_rules! cri_alone_or_skip {
     };
 }
 
+mod overhead;
 mod volumes;
 
 const SLEEPER: &[&str] = &["sleep", "100000"];

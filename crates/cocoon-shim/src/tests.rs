@@ -346,6 +346,22 @@ async fn a_vm_death_ends_created_and_running_tasks_with_255() {
         .await
         .expect("every Wait returns when the VM dies");
     assert_eq!((created, running), (255, 255));
+    // containerd's CRI deletes an exited task with a SIGKILL to all its
+    // processes first, and accepts only NotFound (or success): after the
+    // VM, nothing is left to signal.
+    for id in ["c1", "c2"] {
+        let req = api::KillRequest {
+            id: id.into(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            code(Task::kill(&e.svc, &tctx(), req).await),
+            ttrpc::Code::NOT_FOUND,
+            "{id}"
+        );
+    }
     // The pod can still be taken down.
     for id in ["c1", "c2"] {
         e.delete(id).await.unwrap();

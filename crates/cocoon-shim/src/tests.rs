@@ -524,3 +524,50 @@ async fn the_sandbox_containers_netns_reaches_the_launcher() {
         Some(std::path::Path::new("/var/run/netns/cni-1234"))
     );
 }
+
+#[tokio::test]
+async fn the_sandbox_containers_cgroup_reaches_the_launcher_and_a_bad_one_is_refused() {
+    let with_cgroup = |e: &Env, id: &str, cgroup: &str| {
+        let bundle = e.bundle(id, &["sleep"]);
+        let path = std::path::Path::new(&bundle).join("config.json");
+        let mut spec = oci_spec::runtime::Spec::load(&path).unwrap();
+        let mut linux = spec.linux().clone().unwrap();
+        linux.set_cgroups_path(Some(cgroup.into()));
+        spec.set_linux(Some(linux));
+        spec.save(&path).unwrap();
+        api::CreateTaskRequest {
+            id: id.into(),
+            bundle,
+            ..Default::default()
+        }
+    };
+    let e = env();
+    let req = with_cgroup(
+        &e,
+        "c1",
+        "kubepods-besteffort-pod12.slice:cri-containerd:c1",
+    );
+    Task::create(&e.svc, &tctx(), req).await.unwrap();
+    let cgroup = e.launcher.options.lock().unwrap()[0].cgroup.clone();
+    assert_eq!(
+        cgroup.map(|c| c.to_string()).as_deref(),
+        Some(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-c1.scope"
+        )
+    );
+
+    let e = env();
+    let req = with_cgroup(&e, "c2", "/kubepods/../../etc");
+    match Task::create(&e.svc, &tctx(), req).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}");
+            assert!(s.message.contains("linux.cgroupsPath"), "{s:?}");
+            assert!(s.message.contains("task c2"), "{s:?}");
+        }
+        other => panic!("a cgroupsPath with `..` was accepted: {other:?}"),
+    }
+    assert!(
+        e.launcher.launches.lock().unwrap().is_empty(),
+        "no VM booted"
+    );
+}

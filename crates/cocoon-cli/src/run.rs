@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// VM takes over: the container gets their addresses and routes.
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+    /// A host cgroup for the VM (QEMU and its daemons), as an OCI
+    /// `linux.cgroupsPath`: `/parent/name` below the root of every
+    /// hierarchy, or systemd's `slice:prefix:name`. Cocoon creates what is
+    /// missing and removes what it created when the VM is gone.
+    #[arg(long, value_name = "PATH", value_parser = parse_cgroup)]
+    cgroup: Option<cocoon_runtime::cgroup::CgroupPath>,
     /// Environment variables (KEY=VALUE) for the command.
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
@@ -151,6 +157,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
 
     let options = SandboxOptions {
         netns: args.netns.clone(),
+        cgroup: args.cgroup.clone(),
     };
     let hypervisor = cocoon_runtime::hypervisor(&loaded.config);
     let start = Sandbox::start_with(&id, &loaded.config, &options, hypervisor.as_ref());
@@ -283,4 +290,8 @@ async fn run_in(
     let _ = pump_out.await;
     let _ = pump_err.await;
     Ok(exit.status as i32)
+}
+
+fn parse_cgroup(s: &str) -> Result<cocoon_runtime::cgroup::CgroupPath, String> {
+    cocoon_runtime::cgroup::CgroupPath::parse(s).map_err(|e| e.reason)
 }

@@ -59,6 +59,12 @@ pub struct VmSpec {
     pub tsc_khz: Option<u32>,
     /// The guest's NICs, in the order the guest enumerates them.
     pub nics: Vec<Nic>,
+    /// The `cgroup.procs` files (one per hierarchy, open for writing) of
+    /// the cgroup the VM's processes run in: QEMU and every helper daemon
+    /// write `0` into each between `fork` and `exec`, so they are in it
+    /// before they run a single instruction of their own, and every page
+    /// they touch is charged there. Empty: they stay in the caller's.
+    pub cgroup_procs: Vec<Arc<OwnedFd>>,
 }
 
 /// A guest NIC: a tap device the caller opened on the host (in the pod's

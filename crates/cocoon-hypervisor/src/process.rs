@@ -26,13 +26,16 @@ impl Daemon {
     /// `pass_fds` are inherited by the child under their own numbers (the
     /// caller names them on the command line); the parent's copies are
     /// closed once the child runs. `lend_fds` are inherited the same way,
-    /// and the parent's copies stay the caller's to close.
+    /// and the parent's copies stay the caller's to close. The child joins
+    /// the cgroups whose `cgroup.procs` files `join` holds before it execs
+    /// (see [`crate::VmSpec::cgroup_procs`]).
     pub fn spawn(
         what: &'static str,
         mut cmd: Command,
         log: &Path,
         pass_fds: Vec<OwnedFd>,
         lend_fds: &[BorrowedFd<'_>],
+        join: &[BorrowedFd<'_>],
     ) -> Result<Self> {
         let program = Path::new(cmd.as_std().get_program()).to_path_buf();
         // Blocking writer: the daemons treat a failed write to stderr as an
@@ -56,11 +59,21 @@ impl Daemon {
             .map(AsRawFd::as_raw_fd)
             .chain(lend_fds.iter().map(AsRawFd::as_raw_fd))
             .collect();
+        // Close-on-exec in the parent and in the child: open until exec.
+        let cgroups: Vec<RawFd> = join.iter().map(AsRawFd::as_raw_fd).collect();
         // SAFETY: the closure runs in the forked child before exec and calls
-        // only async-signal-safe functions (prctl, umask, fcntl); it reads
-        // `inherit` but allocates nothing.
+        // only async-signal-safe functions (write, prctl, umask, fcntl); it
+        // reads `cgroups` and `inherit` but allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                // `0` is the writer: the child moves itself (v1 and v2)
+                // before exec, so nothing of what it runs is charged to
+                // the caller's cgroup.
+                for fd in &cgroups {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 // If the owner is SIGKILLed, the VM goes with it rather than
                 // running on unowned. The death signal follows the spawning
                 // thread: owners spawn from their main thread or a runtime

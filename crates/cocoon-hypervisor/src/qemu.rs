@@ -265,9 +265,17 @@ impl Hypervisor for Qemu {
             pid: 0,
         };
 
+        let join: Vec<BorrowedFd<'_>> = spec.cgroup_procs.iter().map(|f| f.as_fd()).collect();
         let mut cmd = Command::new(&virtiofsd);
         cmd.args(virtiofsd_args(spec));
-        let mut d = Daemon::spawn("virtiofsd", cmd, &spec.virtiofsd_log(), Vec::new(), &[])?;
+        let mut d = Daemon::spawn(
+            "virtiofsd",
+            cmd,
+            &spec.virtiofsd_log(),
+            Vec::new(),
+            &[],
+            &join,
+        )?;
         let r = wait_for_socket(&mut d, &spec.virtiofs_socket(), DAEMON_SOCKET_TIMEOUT).await;
         vm.helpers.push(d);
         r?;
@@ -281,6 +289,7 @@ impl Hypervisor for Qemu {
                 &spec.vsock_backend_log(),
                 Vec::new(),
                 &[],
+                &join,
             )?;
             let r =
                 wait_for_socket(&mut d, &spec.vsock_backend_socket(), DAEMON_SOCKET_TIMEOUT).await;
@@ -301,7 +310,7 @@ impl Hypervisor for Qemu {
         cmd.args(command_line(spec, console_w.as_raw_fd()));
         tracing::debug!(cmd = ?cmd.as_std(), "starting QEMU");
         let taps: Vec<BorrowedFd<'_>> = spec.nics.iter().map(|n| n.tap.as_fd()).collect();
-        let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log(), vec![console_w], &taps)?;
+        let mut d = Daemon::spawn("QEMU", cmd, &spec.qemu_log(), vec![console_w], &taps, &join)?;
         let r = wait_for_socket(&mut d, &spec.qmp_socket(), DAEMON_SOCKET_TIMEOUT).await;
         vm.pid = d.pid();
         vm.qemu = Some(d);
@@ -479,6 +488,7 @@ mod tests {
             share_tag: "cocoon".into(),
             tsc_khz: None,
             nics: Vec::new(),
+            cgroup_procs: Vec::new(),
         }
     }
 

@@ -88,6 +88,7 @@ async fn a_console_flood_is_capped_and_qemu_stays_responsive() {
         share_tag: "cocoon".into(),
         tsc_khz: None,
         nics: Vec::new(),
+        cgroup_procs: Vec::new(),
     };
 
     let mut vm = Qemu.launch(&spec).await.expect("launch");

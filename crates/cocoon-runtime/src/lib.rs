@@ -5,8 +5,10 @@
 //! and removes what is left. A [`Container`] is one container of a
 //! sandbox, with every operation the front ends need. A sandbox started
 //! with a network namespace ([`SandboxOptions`]) gives the guest that
-//! namespace's interfaces ([`network`]).
+//! namespace's interfaces ([`network`]); one with a cgroup path runs its
+//! VM and daemons in that host cgroup ([`cgroup`]).
 
+pub mod cgroup;
 mod container;
 pub mod network;
 mod portforward;
@@ -16,6 +18,7 @@ pub mod spec;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cgroup::{CgroupPath, HostCgroup};
 use cocoon_config::Config;
 use cocoon_hypervisor::{HostCaps, Hypervisor, Vm, VmSpec};
 use cocoon_protocols::agent::{CreateSandboxRequest, Empty};
@@ -67,6 +70,12 @@ pub enum Error {
         #[source]
         source: network::Error,
     },
+    #[error("sandbox {id}: pod cgroup")]
+    Cgroup {
+        id: String,
+        #[source]
+        source: cgroup::Error,
+    },
     #[error("sandbox {id}: {action} {path}")]
     Host {
         id: String,
@@ -102,7 +111,7 @@ impl From<Error> for cocoon_protocols::Error {
                 e if e.is_not_found() => P::FailedPrecondition(msg),
                 _ => P::Internal(msg),
             },
-            Error::Host { .. } => P::Internal(msg),
+            Error::Cgroup { .. } | Error::Host { .. } => P::Internal(msg),
         }
     }
 }
@@ -115,6 +124,7 @@ fn e_id(e: &Error) -> &str {
         | Error::VmExited { id, .. }
         | Error::Agent { id, .. }
         | Error::Network { id, .. }
+        | Error::Cgroup { id, .. }
         | Error::Host { id, .. } => id,
         Error::InvalidId(e) => &e.id,
     }
@@ -190,17 +200,28 @@ pub struct SandboxOptions {
     /// becomes a NIC of the guest ([`network`]). `None`: the guest has
     /// loopback only.
     pub netns: Option<PathBuf>,
+    /// The pod's host cgroup, which QEMU and its daemons join from their
+    /// start ([`cgroup`]). `None`: they stay in the caller's.
+    pub cgroup: Option<CgroupPath>,
 }
 
 impl SandboxOptions {
     /// What the OCI spec of a pod's first (sandbox) container asks for:
-    /// the network namespace it names by path. A spec that asks for a new,
-    /// unnamed one (`ctr run`) gets no network. (One with none, a
-    /// host-network pod, is refused by the front ends before this.)
-    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Self {
-        let netns = spec
-            .linux()
-            .as_ref()
+    /// the network namespace it names by path, and its cgroup
+    /// (`linux.cgroupsPath`, in cgroupfs or systemd spelling). A spec that
+    /// asks for a new, unnamed network namespace (`ctr run`) gets no
+    /// network. (One with none, a host-network pod, is refused by the
+    /// front ends before this.) A cgroup path that is not valid is an
+    /// error naming the key.
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Result<Self, cgroup::InvalidCgroupPath> {
+        let linux = spec.linux().as_ref();
+        let cgroup = linux
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy())
+            .filter(|p| !p.is_empty())
+            .map(|p| CgroupPath::parse(&p))
+            .transpose()?;
+        let netns = linux
             .and_then(|l| l.namespaces().as_ref())
             .and_then(|ns| {
                 ns.iter()
@@ -208,7 +229,7 @@ impl SandboxOptions {
             })
             .and_then(|n| n.path().clone())
             .filter(|p| !p.as_os_str().is_empty());
-        Self { netns }
+        Ok(Self { netns, cgroup })
     }
 }
 
@@ -216,9 +237,10 @@ impl SandboxOptions {
 pub struct Sandbox {
     id: Id,
     // Field order is drop order: the VM (and its daemons) goes before the
-    // mounts and directories it uses, and before the network whose taps it
-    // holds.
+    // cgroup it runs in, the mounts and directories it uses, and the
+    // network whose taps it holds.
     vm: Box<dyn Vm>,
+    cgroup: Option<HostCgroup>,
     network: Option<Network>,
     agent: AgentClient,
     kernel_release: String,
@@ -288,6 +310,24 @@ impl Sandbox {
                 return Err(e);
             }
         }
+        let cgroup = match &options.cgroup {
+            Some(path) => {
+                let made = HostCgroup::create(path)
+                    .map_err(|source| Error::Cgroup {
+                        id: id.to_string(),
+                        source,
+                    })
+                    .and_then(|cg| dir.record_cgroup(&cg.record()).map(|()| cg));
+                match made {
+                    Ok(cg) => Some(cg),
+                    Err(e) => {
+                        release_network(id, network).await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let spec = VmSpec {
             name: format!("cocoon-{id}"),
             config: config.clone(),
@@ -301,6 +341,7 @@ impl Sandbox {
                 cocoon_hypervisor::ResolvedAccel::Kvm => None,
             },
             nics: network.as_mut().map(Network::nics).unwrap_or_default(),
+            cgroup_procs: cgroup.as_ref().map(HostCgroup::procs).unwrap_or_default(),
         };
         let launched = hypervisor.launch(&spec).await;
         // QEMU holds its own copies of the taps now (or never will): ours
@@ -309,6 +350,7 @@ impl Sandbox {
         let mut vm = match launched {
             Ok(vm) => vm,
             Err(source) => {
+                release_cgroup(id, cgroup).await;
                 release_network(id, network).await;
                 return Err(Error::Hypervisor {
                     id: id.to_string(),
@@ -319,6 +361,7 @@ impl Sandbox {
         for (name, pid) in vm.pids() {
             if let Err(e) = dir.record_pid(name, pid) {
                 vm.shutdown(Duration::ZERO).await;
+                release_cgroup(id, cgroup).await;
                 release_network(id, network).await;
                 return Err(e);
             }
@@ -328,6 +371,7 @@ impl Sandbox {
             Ok(a) => a,
             Err(e) => {
                 vm.shutdown(Duration::ZERO).await;
+                release_cgroup(id, cgroup).await;
                 release_network(id, network).await;
                 return Err(e);
             }
@@ -335,6 +379,7 @@ impl Sandbox {
         let sandbox = Self {
             id: id.clone(),
             vm,
+            cgroup,
             network,
             agent,
             kernel_release,
@@ -371,10 +416,11 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// Ends a sandbox that failed to start: the VM at once, then the
-    /// network.
+    /// Ends a sandbox that failed to start: the VM at once, then its
+    /// cgroup and the network.
     async fn abandon(mut self) {
         self.vm.shutdown(Duration::ZERO).await;
+        release_cgroup(&self.id, self.cgroup.take()).await;
         release_network(&self.id, self.network.take()).await;
     }
 
@@ -504,8 +550,19 @@ impl Sandbox {
             _ => Duration::from_secs(3),
         };
         self.vm.shutdown(grace).await;
+        release_cgroup(&self.id, self.cgroup.take()).await;
         release_network(&self.id, self.network.take()).await;
         tracing::info!(sandbox = %self.id, "stopped");
+    }
+}
+
+/// Removes the pod's cgroup (after the VM's processes are reaped). A
+/// failure is logged: the caller is already on its way out.
+async fn release_cgroup(id: &Id, cgroup: Option<HostCgroup>) {
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.remove().await {
+            tracing::warn!(sandbox = %id, "{}", error_chain(&e));
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! ```text
 //! <state_dir>/          0700 when Cocoon creates it
 //!   <id>/               0700, a private bind of itself: sockets, logs,
-//!                       `*.pid` (0600), `sandbox-id` (0600, the marker)
+//!                       `*.pid` (0600), `sandbox-id` (0600, the marker),
+//!                       `network` and `cgroup` (0600, what teardown undoes)
 //!     mounts/           host side, never exported: a bind of itself, MS_SHARED
 //!       <cid>/          0700, one per container
 //!         rootfs        the container's rootfs (MS_BIND|MS_REC), read-write
@@ -32,8 +33,8 @@
 
 mod bind;
 mod dead;
-mod mountinfo;
-mod safe_fs;
+pub(crate) mod mountinfo;
+pub(crate) mod safe_fs;
 #[cfg(test)]
 mod tests;
 
@@ -140,6 +141,13 @@ const NETWORK_RECORD: &str = "network";
 
 /// Its largest size: a netns path and [`cocoon_protocols::network::MAX_INTERFACES`] lines.
 const NETWORK_RECORD_MAX: u64 = 8192;
+
+/// The file in `<id>/` that says which host cgroup directories Cocoon
+/// created for the pod ([`crate::cgroup::HostCgroup::record`]).
+const CGROUP_RECORD: &str = "cgroup";
+
+/// Its largest size: a few directories in each of a dozen hierarchies.
+const CGROUP_RECORD_MAX: u64 = 64 << 10;
 
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
@@ -286,6 +294,18 @@ impl RunDir {
                 &self.id,
                 "record the network in",
                 &self.path.join(NETWORK_RECORD),
+            ))
+    }
+
+    /// Records which host cgroup directories were created for the pod
+    /// ([`crate::cgroup::HostCgroup::record`]), for [`cleanup_dead`].
+    pub fn record_cgroup(&self, record: &[u8]) -> Result<()> {
+        safe_fs::create_private_file(self.dir.as_fd(), os(CGROUP_RECORD), false)
+            .and_then(|mut f| f.write_all(record))
+            .map_err(host(
+                &self.id,
+                "record the cgroup in",
+                &self.path.join(CGROUP_RECORD),
             ))
     }
 

@@ -294,6 +294,7 @@ fn the_hosts_own_netns_and_a_missing_one_are_refused() {
     config.runtime.state_dir = state.path().to_path_buf();
     let options = SandboxOptions {
         netns: Some(missing.to_path_buf()),
+        ..Default::default()
     };
     let id = Id::sandbox("net-missing").unwrap();
     let hv = cocoon_runtime::hypervisor(&config);
@@ -422,6 +423,7 @@ async fn a_pod_serves_and_reaches_the_node_through_its_taps() {
 
     let options = SandboxOptions {
         netns: Some(net.pod_path()),
+        ..Default::default()
     };
     let id = Id::sandbox(&format!("net-e2e-{}", std::process::id())).unwrap();
     let hv = cocoon_runtime::hypervisor(&config);

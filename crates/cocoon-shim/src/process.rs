@@ -69,7 +69,11 @@ impl Service {
         all: bool,
     ) -> Result<()> {
         let state = self.with_proc(&id, exec.as_ref(), |p| Ok(p.state))?;
-        if state == ProcState::Stopped && !all {
+        // With `all`, an exited init may still have processes to signal in
+        // the container, unless the VM is gone with them: then, as for runc,
+        // NotFound (containerd's CRI kills every process of an exited task
+        // before deleting it, and accepts nothing else).
+        if state == ProcState::Stopped && (!all || self.vm_dead()) {
             return Err(Error::NotFound(format!(
                 "process {id}/{} has already exited",
                 exec.as_ref().map_or("", |e| e.as_str())

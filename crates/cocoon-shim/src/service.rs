@@ -209,11 +209,13 @@ impl Service {
             .and_then(|a| a.get(cocoon_protocols::cri::SANDBOX_ID).cloned())
             .unwrap_or_else(|| req.id.clone());
         let sandbox_id = Id::sandbox(&sandbox_id)?;
-        let options = cocoon_runtime::SandboxOptions::from_spec(spec);
+        let options = cocoon_runtime::SandboxOptions::from_spec(spec)
+            .map_err(|e| Error::InvalidArgument(format!("task {}: {e}", req.id)))?;
         tracing::info!(
             sandbox = %sandbox_id,
             config = %loaded.source,
             netns = ?options.netns,
+            cgroup = ?options.cgroup.as_ref().map(ToString::to_string),
             "booting pod VM"
         );
         let sandbox = self
@@ -234,7 +236,7 @@ impl Service {
         );
         // Under the pod lock, so that a stop_pod (which takes it first)
         // finds the forwarder with the pod.
-        if let Some(netns) = cocoon_runtime::SandboxOptions::from_spec(spec).netns {
+        if let Some(netns) = options.netns {
             let id = Id::container(&req.id)?;
             match crate::portforward::PortForwarder::start(&netns, id, info.channel.clone()).await {
                 Ok(f) => *self.s.forwarder.lock().await = Some(f),

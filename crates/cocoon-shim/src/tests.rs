@@ -346,6 +346,22 @@ async fn a_vm_death_ends_created_and_running_tasks_with_255() {
         .await
         .expect("every Wait returns when the VM dies");
     assert_eq!((created, running), (255, 255));
+    // containerd's CRI deletes an exited task with a SIGKILL to all its
+    // processes first, and accepts only NotFound (or success): after the
+    // VM, nothing is left to signal.
+    for id in ["c1", "c2"] {
+        let req = api::KillRequest {
+            id: id.into(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            code(Task::kill(&e.svc, &tctx(), req).await),
+            ttrpc::Code::NOT_FOUND,
+            "{id}"
+        );
+    }
     // The pod can still be taken down.
     for id in ["c1", "c2"] {
         e.delete(id).await.unwrap();
@@ -506,5 +522,52 @@ async fn the_sandbox_containers_netns_reaches_the_launcher() {
     assert_eq!(
         e2.launcher.options.lock().unwrap()[0].netns.as_deref(),
         Some(std::path::Path::new("/var/run/netns/cni-1234"))
+    );
+}
+
+#[tokio::test]
+async fn the_sandbox_containers_cgroup_reaches_the_launcher_and_a_bad_one_is_refused() {
+    let with_cgroup = |e: &Env, id: &str, cgroup: &str| {
+        let bundle = e.bundle(id, &["sleep"]);
+        let path = std::path::Path::new(&bundle).join("config.json");
+        let mut spec = oci_spec::runtime::Spec::load(&path).unwrap();
+        let mut linux = spec.linux().clone().unwrap();
+        linux.set_cgroups_path(Some(cgroup.into()));
+        spec.set_linux(Some(linux));
+        spec.save(&path).unwrap();
+        api::CreateTaskRequest {
+            id: id.into(),
+            bundle,
+            ..Default::default()
+        }
+    };
+    let e = env();
+    let req = with_cgroup(
+        &e,
+        "c1",
+        "kubepods-besteffort-pod12.slice:cri-containerd:c1",
+    );
+    Task::create(&e.svc, &tctx(), req).await.unwrap();
+    let cgroup = e.launcher.options.lock().unwrap()[0].cgroup.clone();
+    assert_eq!(
+        cgroup.map(|c| c.to_string()).as_deref(),
+        Some(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-c1.scope"
+        )
+    );
+
+    let e = env();
+    let req = with_cgroup(&e, "c2", "/kubepods/../../etc");
+    match Task::create(&e.svc, &tctx(), req).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}");
+            assert!(s.message.contains("linux.cgroupsPath"), "{s:?}");
+            assert!(s.message.contains("task c2"), "{s:?}");
+        }
+        other => panic!("a cgroupsPath with `..` was accepted: {other:?}"),
+    }
+    assert!(
+        e.launcher.launches.lock().unwrap().is_empty(),
+        "no VM booted"
     );
 }

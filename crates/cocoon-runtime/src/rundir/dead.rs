@@ -13,7 +13,10 @@ use nix::fcntl::OFlag;
 use nix::unistd::Pid;
 
 use super::safe_fs::{self, open_beneath, proc_path, Cross};
-use super::{host, into_result, os, teardown, MARKER, NETWORK_RECORD, NETWORK_RECORD_MAX};
+use super::{
+    host, into_result, os, teardown, CGROUP_RECORD, CGROUP_RECORD_MAX, MARKER, NETWORK_RECORD,
+    NETWORK_RECORD_MAX,
+};
 use crate::Result;
 
 /// `dir` with a trailing slash: what paths inside it start with. Without
@@ -89,7 +92,9 @@ fn processes_in(dir: BorrowedFd<'_>, path: &Path) -> Vec<Pid> {
 /// Cleans up sandbox `id` after its owner died: kills the processes
 /// recorded in its `*.pid` files (those still naming its directory),
 /// undoes its pod network's tc redirects (the taps went with QEMU),
-/// unmounts what is mounted in `<state_dir>/<id>`, and removes it. Acts on
+/// removes the host cgroup directories it recorded as its own (killing
+/// what is left in them), unmounts what is mounted in `<state_dir>/<id>`,
+/// and removes it. Acts on
 /// that directory only, and only if it is a sandbox directory (a real
 /// directory holding the marker [`RunDir::create`] writes); a missing one
 /// is already clean.
@@ -100,6 +105,7 @@ pub async fn cleanup_dead(state_dir: &Path, id: &Id) -> Result<()> {
     let path = state_dir.join(id);
     let pids = processes_in(dir.as_fd(), &path);
     let network = safe_fs::read_small(dir.as_fd(), os(NETWORK_RECORD), NETWORK_RECORD_MAX).ok();
+    let cgroup = safe_fs::read_small(dir.as_fd(), os(CGROUP_RECORD), CGROUP_RECORD_MAX).ok();
     drop(dir);
     for p in &pids {
         let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
@@ -118,6 +124,11 @@ pub async fn cleanup_dead(state_dir: &Path, id: &Id) -> Result<()> {
     }
     if let Some(record) = network {
         if let Err(e) = crate::network::teardown_recorded(&record).await {
+            tracing::warn!(sandbox = %id, "{}", crate::error_chain(&e));
+        }
+    }
+    if let Some(record) = cgroup {
+        if let Err(e) = crate::cgroup::remove_recorded(&record).await {
             tracing::warn!(sandbox = %id, "{}", crate::error_chain(&e));
         }
     }

@@ -35,6 +35,48 @@ pub fn depth(rel: &Path) -> usize {
         .count()
 }
 
+/// One line of `/proc/self/mountinfo`, as far as Cocoon reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The `major:minor` of the mounted file system: mounts of one cgroup
+    /// hierarchy share it.
+    pub dev: String,
+    /// The directory of the file system mounted here (`/` for its root).
+    pub root: PathBuf,
+    pub point: PathBuf,
+    pub fstype: String,
+    /// The file system's own options (a cgroup v1 hierarchy's controllers).
+    pub super_options: String,
+}
+
+/// Every mount, in mount order.
+pub fn entries() -> io::Result<Vec<Entry>> {
+    Ok(parse_entries(&std::fs::read("/proc/self/mountinfo")?))
+}
+
+fn parse_entries(text: &[u8]) -> Vec<Entry> {
+    let path = |f: &[u8]| PathBuf::from(OsString::from_vec(unescape(f)));
+    let text_of = |f: &[u8]| String::from_utf8_lossy(f).into_owned();
+    text.split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+            // id, parent id, major:minor, root, mount point, options,
+            // optional fields..., "-", fstype, source, super options
+            let sep = fields.iter().position(|f| *f == b"-")?;
+            if sep < 6 {
+                return None;
+            }
+            Some(Entry {
+                dev: text_of(fields[2]),
+                root: path(fields[3]),
+                point: path(fields[4]),
+                fstype: text_of(fields.get(sep + 1)?),
+                super_options: text_of(fields.get(sep + 3)?),
+            })
+        })
+        .collect()
+}
+
 fn parse(text: &[u8]) -> Vec<PathBuf> {
     text.split(|&b| b == b'\n')
         // id, parent id, major:minor, root, mount point, ...
@@ -81,6 +123,30 @@ mod tests {
                 PathBuf::from("/tmp/not\\9escape\\04"),
             ]
         );
+    }
+
+    #[test]
+    fn entries_carry_type_root_and_super_options() {
+        let text = b"35 25 0:30 / /sys/fs/cgroup/memory rw,nosuid shared:16 - cgroup cgroup rw,memory\n\
+            36 25 0:31 / /sys/fs/cgroup/unified rw master:2 shared:9 - cgroup2 cgroup2 rw,nsdelegate\n\
+            90 27 0:30 /kubepods /mnt/a\\040b rw - cgroup cgroup rw,memory\n\
+            garbage line\n";
+        let e = parse_entries(text);
+        assert_eq!(e.len(), 3);
+        assert_eq!(
+            e[0],
+            Entry {
+                dev: "0:30".into(),
+                root: "/".into(),
+                point: "/sys/fs/cgroup/memory".into(),
+                fstype: "cgroup".into(),
+                super_options: "rw,memory".into(),
+            }
+        );
+        assert_eq!(e[1].fstype, "cgroup2");
+        assert_eq!(e[1].super_options, "rw,nsdelegate");
+        assert_eq!(e[2].root, PathBuf::from("/kubepods"));
+        assert_eq!(e[2].point, PathBuf::from("/mnt/a b"));
     }
 
     #[test]

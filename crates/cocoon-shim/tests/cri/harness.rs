@@ -496,18 +496,29 @@ impl Pod<'_> {
     }
 
     /// StopPodSandbox + RemovePodSandbox, then checks that nothing is left.
-    pub fn remove(mut self) {
+    pub fn remove(self) {
+        self.remove_tolerating(&[]);
+    }
+
+    /// [`Pod::remove`], where a leftover whose description contains one of
+    /// `known` (a gap known and tracked apart) is printed, not failed.
+    pub fn remove_tolerating(mut self, known: &[&str]) {
         self.removed = true;
         let stop = self.cri.stop_pod(&self.id);
         let rm = self.cri.remove_pod(&self.id);
         stop.unwrap_or_else(|e| panic!("StopPodSandbox {}: {e}", self.id));
         rm.unwrap_or_else(|e| panic!("RemovePodSandbox {}: {e}", self.id));
-        let left = leftovers(
+        let (tolerated, left): (Vec<String>, Vec<String>) = leftovers(
             &self.id,
             self.netns.as_deref(),
             self.netns_ino,
             self.netns_file.as_ref(),
-        );
+        )
+        .into_iter()
+        .partition(|l| known.iter().any(|k| l.contains(k)));
+        if !tolerated.is_empty() {
+            eprintln!("KNOWN LEFTOVER of pod {}: {tolerated:#?}", self.id);
+        }
         assert!(left.is_empty(), "pod {} left: {left:#?}", self.id);
     }
 }

@@ -7,6 +7,7 @@
 //! `COCOON_CRI_HANDLER=runc` runs the feature tests on runc instead, which
 //! tells a harness problem from a runtime one.
 
+mod cgroups;
 mod harness;
 mod stream;
 

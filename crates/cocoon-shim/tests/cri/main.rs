@@ -8,6 +8,7 @@
 //! tells a harness problem from a runtime one.
 
 mod harness;
+mod sizing;
 mod stream;
 
 use std::io::{Read, Write};

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 
 pub use host::{HostCaps, KvmKind};
 pub use logfile::{LOG_CAP, TAIL_MAX_BYTES};
-pub use qemu::{Qemu, PLUG_TIMEOUT};
+pub use qemu::{Qemu, MEMORY_SLOTS};
 pub use vsock::{VsockConnector, VsockStream, CONNECT_TIMEOUT};
 
 /// The accelerator a VM really runs with (after `auto` is resolved).
@@ -142,12 +142,6 @@ pub enum Error {
         #[source]
         source: qmp::QmpError,
     },
-    #[error("hotplug of {what}: the guest had plugged {plugged_mib} MiB after {timeout:?}")]
-    PlugTimeout {
-        what: String,
-        timeout: Duration,
-        plugged_mib: u64,
-    },
     #[error("vsock port {port}")]
     Vsock {
         port: u32,
@@ -200,13 +194,12 @@ pub trait Vm: Send + Sync {
     fn size(&self) -> VmSize;
     /// The most the VM can grow to (the flavour's ceilings).
     fn max_size(&self) -> VmSize;
-    /// Resizes the VM to `to`: hotplugs vCPUs up to `to.vcpus` (never
-    /// unplugs any: the guest offlines those it does not need) and asks
-    /// for `to.memory_mib` of memory (never below the boot size). Growing
-    /// memory waits, within [`PLUG_TIMEOUT`], until the guest has plugged
-    /// it; shrinking it only asks. Fails with [`Error::Ceiling`] past
-    /// [`Vm::max_size`]. Returns what is plugged (memory: asked for).
-    async fn resize(&mut self, to: VmSize) -> Result<VmSize>;
+    /// Hotplugs vCPUs and memory until at least `to` is plugged (memory
+    /// may overshoot: it comes in steps that reach the ceiling within the
+    /// machine's hotplug slots). Never shrinks. Fails with
+    /// [`Error::Ceiling`] past [`Vm::max_size`]; a failure leaves what was
+    /// plugged before it plugged.
+    async fn grow(&mut self, to: VmSize) -> Result<VmSize>;
     /// Pauses every vCPU.
     async fn pause(&mut self) -> Result<()>;
     /// Resumes every vCPU.

@@ -35,20 +35,28 @@ const DAEMON_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// The fd set QEMU finds the console pipe in (`/dev/fdset/<N>`).
 const CONSOLE_FDSET: u32 = 1;
 
-/// The virtio-mem device that grows and shrinks a q35 VM's memory, and
-/// its memory backend: shared memfd like the boot RAM, one region of the
-/// whole room that the vhost-user daemons map once (DIMMs would cost a
-/// region each, and vhost-device-vsock 0.3, without
-/// `CONFIGURE_MEM_SLOTS`, is allowed 8 in all).
-pub const HOTPLUG_MEM_DEVICE: &str = "hotmem";
-const HOTPLUG_MEM_BACKEND: &str = "hotmem-ram";
+/// Memory hotplug slots (DIMMs) of a VM with room to grow. Every DIMM is
+/// one more memory region each vhost-user daemon must map:
+/// vhost-device-vsock 0.3 lacks `CONFIGURE_MEM_SLOTS`, so QEMU allows it
+/// the protocol's baseline of 8 regions in all, boot RAM included (q35
+/// boot RAM takes 2), and refuses a DIMM past that. virtiofsd has the
+/// feature (509 regions). The runtime plans its steps so that these slots
+/// always reach `max_memory_mib` ([`dimm_mib`]).
+pub const MEMORY_SLOTS: u32 = 4;
 
-/// The granularity virtio-mem plugs and unplugs in (the THP size, as
-/// QEMU picks by default for memfd).
-const VIRTIO_MEM_BLOCK: &str = "2M";
-
-/// How long the guest has to plug memory the host asked for.
-pub const PLUG_TIMEOUT: Duration = Duration::from_secs(30);
+/// The size of the next DIMM, in MiB, for a VM that has `current` MiB
+/// and wants at least `want`: what is missing, in whole blocks, but never
+/// less than 1/[`MEMORY_SLOTS`] of the whole room, so that the slots reach
+/// `max` however small the steps asked for are; and never past `max`.
+pub fn dimm_mib(base: u64, max: u64, current: u64, want: u64) -> u64 {
+    let block = u64::from(cocoon_config::HOTPLUG_BLOCK_MIB);
+    let up = |n: u64| n.div_ceil(block) * block;
+    let room = max.saturating_sub(base);
+    let least = up(room.div_ceil(u64::from(MEMORY_SLOTS)));
+    up(want.saturating_sub(current))
+        .max(least)
+        .min(max.saturating_sub(current))
+}
 
 /// The hotplug room above the boot memory, in MiB (whole blocks of
 /// [`cocoon_config::HOTPLUG_BLOCK_MIB`]); `None` where the VM cannot grow.
@@ -125,9 +133,11 @@ pub fn command_line(spec: &VmSpec, console_fd: RawFd) -> Vec<OsString> {
     }
     // Memory: q35 gets hotplug slots and room up to `max_memory_mib`;
     // microvm (no memory hotplug) is validated to have none.
-    let room = memory_room(h);
-    let memory = match room {
-        Some(room) => format!("{mem}M,maxmem={}M", u64::from(mem) + room),
+    let memory = match memory_room(h) {
+        Some(room) => format!(
+            "{mem}M,slots={MEMORY_SLOTS},maxmem={}M",
+            u64::from(mem) + room
+        ),
         None => format!("{mem}M"),
     };
     let mut a: Vec<String> = vec![
@@ -180,19 +190,6 @@ pub fn command_line(spec: &VmSpec, console_fd: RawFd) -> Vec<OsString> {
             opt_value(&spec.share_tag)
         ),
     ];
-    if let Some(room) = room {
-        // Nothing plugged at boot: the guest's virtio_mem driver plugs
-        // what `requested-size` asks for later.
-        a.extend([
-            "-object".into(),
-            format!("memory-backend-memfd,id={HOTPLUG_MEM_BACKEND},size={room}M,share=on"),
-            "-device".into(),
-            format!(
-                "virtio-mem-pci,id={HOTPLUG_MEM_DEVICE},memdev={HOTPLUG_MEM_BACKEND},\
-                 block-size={VIRTIO_MEM_BLOCK},requested-size=0"
-            ),
-        ]);
-    }
     match spec.vsock {
         ResolvedVsock::Hybrid => a.extend([
             "-chardev".into(),
@@ -325,6 +322,7 @@ impl Hypervisor for Qemu {
             },
             base,
             hotplug: h.machine == Machine::Q35,
+            dimms: 0,
             qemu: None,
             helpers: Vec::new(),
             console: None,
@@ -412,6 +410,8 @@ pub struct QemuVm {
     /// Whether vCPUs and memory are hotplugged (q35), or exist from boot
     /// (microvm's vCPUs; it has no memory to grow).
     hotplug: bool,
+    /// DIMMs plugged so far.
+    dimms: u32,
     qemu: Option<Daemon>,
     helpers: Vec<Daemon>,
     /// Drains the console pipe; after `qemu` so that, on drop, QEMU is
@@ -492,48 +492,26 @@ impl QemuVm {
         Ok(())
     }
 
-    /// Asks the virtio-mem device for `want` MiB in all (boot memory
-    /// included). Growing waits, within [`PLUG_TIMEOUT`], for the guest to
-    /// plug it; shrinking does not wait: the guest unplugs what it can
-    /// offline, in the background.
-    async fn set_memory(&mut self, qmp: &mut Qmp, want: u64) -> Result<()> {
-        let requested = (want - self.base.memory_mib) << 20;
-        let what = || format!("{want} MiB of memory (virtio-mem {HOTPLUG_MEM_DEVICE})");
-        let t = std::time::Instant::now();
-        qmp.set_virtio_mem_size(HOTPLUG_MEM_DEVICE, requested)
-            .await
-            .map_err(|source| Error::Hotplug {
-                what: what(),
-                source,
-            })?;
-        let growing = want > self.size.memory_mib;
-        self.size.memory_mib = want;
-        if !growing {
-            tracing::debug!(want, "memory unplug requested");
-            return Ok(());
-        }
-        let deadline = tokio::time::Instant::now() + PLUG_TIMEOUT;
-        loop {
-            let plugged = qmp
-                .virtio_mem_plugged(HOTPLUG_MEM_DEVICE)
+    async fn plug_memory(&mut self, qmp: &mut Qmp, want: u64) -> Result<()> {
+        while self.size.memory_mib < want {
+            let mib = dimm_mib(
+                self.base.memory_mib,
+                self.max.memory_mib,
+                self.size.memory_mib,
+                want,
+            );
+            let id = format!("dimm{}", self.dimms);
+            let t = std::time::Instant::now();
+            qmp.add_dimm(&id, mib << 20)
                 .await
                 .map_err(|source| Error::Hotplug {
-                    what: what(),
+                    what: format!("{mib} MiB of memory ({id})"),
                     source,
                 })?;
-            if plugged >= requested {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::PlugTimeout {
-                    what: what(),
-                    timeout: PLUG_TIMEOUT,
-                    plugged_mib: self.base.memory_mib + (plugged >> 20),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.dimms += 1;
+            self.size.memory_mib += mib;
+            tracing::debug!(%id, mib, ms = t.elapsed().as_millis() as u64, "memory plugged");
         }
-        tracing::debug!(want, ms = t.elapsed().as_millis() as u64, "memory plugged");
         Ok(())
     }
 }
@@ -552,7 +530,7 @@ impl Vm for QemuVm {
         self.max
     }
 
-    async fn resize(&mut self, to: VmSize) -> Result<VmSize> {
+    async fn grow(&mut self, to: VmSize) -> Result<VmSize> {
         if to.vcpus > self.max.vcpus || to.memory_mib > self.max.memory_mib {
             return Err(Error::Ceiling {
                 want: to,
@@ -565,18 +543,15 @@ impl Vm for QemuVm {
             self.size.vcpus = self.size.vcpus.max(to.vcpus);
             return Ok(self.size);
         }
-        // Memory never below the boot size; vCPUs are never unplugged
-        // (the guest offlines those it does not need).
-        let memory = to.memory_mib.max(self.base.memory_mib);
-        if to.vcpus <= self.size.vcpus && memory == self.size.memory_mib {
+        if to.vcpus <= self.size.vcpus && to.memory_mib <= self.size.memory_mib {
             return Ok(self.size);
         }
         let mut qmp = self.qmp().await?;
         if to.vcpus > self.size.vcpus {
             self.plug_vcpus(&mut qmp, to.vcpus).await?;
         }
-        if memory != self.size.memory_mib {
-            self.set_memory(&mut qmp, memory).await?;
+        if to.memory_mib > self.size.memory_mib {
+            self.plug_memory(&mut qmp, to.memory_mib).await?;
         }
         Ok(self.size)
     }
@@ -779,31 +754,24 @@ mod tests {
         s.config.hypervisor.max_memory_mib = 4096;
         let args = command_line(&s, CONSOLE_FD);
         assert_eq!(arg_after(&args, "-smp"), ["2,maxcpus=4"]);
-        assert_eq!(arg_after(&args, "-m"), ["768M,maxmem=4096M"]);
-        // Boot RAM and the hotplug room: both shared memfd, which the
-        // vhost-user daemons can map; the room is one virtio-mem device.
+        // The room above the boot memory, in whole 128 MiB blocks.
+        assert_eq!(
+            arg_after(&args, "-m"),
+            [format!("768M,slots={MEMORY_SLOTS},maxmem=4096M")]
+        );
+        // Boot RAM stays shared memfd (hotplugged DIMMs are too: qmp.rs).
         assert_eq!(
             arg_after(&args, "-object"),
-            [
-                "memory-backend-memfd,id=mem,size=768M,share=on",
-                "memory-backend-memfd,id=hotmem-ram,size=3328M,share=on"
-            ]
-        );
-        assert_eq!(
-            arg_after(&args, "-device")[1],
-            "virtio-mem-pci,id=hotmem,memdev=hotmem-ram,block-size=2M,requested-size=0"
+            ["memory-backend-memfd,id=mem,size=768M,share=on"]
         );
         assert!(!arg_after(&args, "-append")[0].contains("maxcpus"));
-        // The room in whole 128 MiB blocks.
         s.config.hypervisor.max_memory_mib = 768 + 200;
-        let args = command_line(&s, CONSOLE_FD);
-        assert_eq!(arg_after(&args, "-m"), ["768M,maxmem=896M"]);
-        assert!(arg_after(&args, "-object")[1].contains("size=128M"));
-        // No room: no device.
+        assert_eq!(
+            arg_after(&command_line(&s, CONSOLE_FD), "-m"),
+            [format!("768M,slots={MEMORY_SLOTS},maxmem=896M")]
+        );
         s.config.hypervisor.max_memory_mib = 768 + 100;
-        let args = command_line(&s, CONSOLE_FD);
-        assert_eq!(arg_after(&args, "-m"), ["768M"]);
-        assert!(!joined(&s).contains("virtio-mem"));
+        assert_eq!(arg_after(&command_line(&s, CONSOLE_FD), "-m"), ["768M"]);
     }
 
     #[test]
@@ -821,6 +789,29 @@ mod tests {
         let args = command_line(&s, CONSOLE_FD);
         assert_eq!(arg_after(&args, "-smp"), ["1"]);
         assert!(!arg_after(&args, "-append")[0].contains("maxcpus"));
+    }
+
+    #[test]
+    fn dimm_steps_reach_the_ceiling_within_the_slots() {
+        // 512 MiB boot, 4096 MiB ceiling: 3584 MiB of room, 4 slots, so no
+        // DIMM is smaller than 896 MiB.
+        assert_eq!(dimm_mib(512, 4096, 512, 640), 896);
+        assert_eq!(dimm_mib(512, 4096, 512, 512 + 1024), 1024);
+        assert_eq!(dimm_mib(512, 4096, 512, 512 + 1000), 1024, "whole blocks");
+        assert_eq!(
+            dimm_mib(512, 4096, 3584, 4096),
+            512,
+            "never past the ceiling"
+        );
+        // However small the steps asked for, the slots reach the ceiling.
+        let mut cur = 512;
+        let mut n = 0;
+        while cur < 4096 {
+            cur += dimm_mib(512, 4096, cur, cur + 128);
+            n += 1;
+        }
+        assert_eq!(cur, 4096);
+        assert!(n <= MEMORY_SLOTS, "{n} DIMMs");
     }
 
     #[test]

@@ -216,34 +216,31 @@ impl Qmp {
             .map(drop)
     }
 
-    /// Asks virtio-mem device `id` for `bytes` of plugged memory (the
-    /// guest plugs or unplugs to reach it).
-    pub async fn set_virtio_mem_size(&mut self, id: &str, bytes: u64) -> Result<(), QmpError> {
+    /// A DIMM of `bytes` named `id`, backed by shared memfd memory (named
+    /// `id-mem`) that vhost-user daemons can map like the boot RAM: the
+    /// backend, then the `pc-dimm`; if the device fails, the backend goes.
+    pub async fn add_dimm(&mut self, id: &str, bytes: u64) -> Result<(), QmpError> {
+        let mem = format!("{id}-mem");
         self.execute(
-            "qom-set",
+            "object-add",
             Some(json!({
-                "path": format!("/machine/peripheral/{id}"),
-                "property": "requested-size",
-                "value": bytes,
+                "qom-type": "memory-backend-memfd",
+                "id": mem,
+                "size": bytes,
+                "share": true,
             })),
         )
-        .await
-        .map(drop)
-    }
-
-    /// How much memory the guest has plugged into virtio-mem device `id`.
-    pub async fn virtio_mem_plugged(&mut self, id: &str) -> Result<u64, QmpError> {
-        let r = self
+        .await?;
+        let added = self
             .execute(
-                "qom-get",
-                Some(json!({
-                    "path": format!("/machine/peripheral/{id}"),
-                    "property": "size",
-                })),
+                "device_add",
+                Some(json!({ "driver": "pc-dimm", "id": id, "memdev": mem })),
             )
-            .await?;
-        r.as_u64()
-            .ok_or_else(|| QmpError::Malformed(quote(&r.to_string())))
+            .await;
+        if added.is_err() && !self.broken {
+            let _ = self.execute("object-del", Some(json!({ "id": mem }))).await;
+        }
+        added.map(drop)
     }
 
     /// Asks QEMU to exit. The connection may close before the reply arrives.
@@ -337,8 +334,8 @@ mod tests {
                 cpus,
                 "{\"return\": {}}\n",
                 "{\"return\": {}}\n",
-                "{\"return\": 1073741824}\n",
-                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no device\"}}\n",
+                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no free slots\"}}\n",
+                "{\"return\": {}}\n",
             ],
         ));
         let mut qmp = Qmp::connect(&path, QMP_TIMEOUT).await.unwrap();
@@ -346,10 +343,8 @@ mod tests {
         assert_eq!(slots.len(), 2);
         assert_eq!(slots[0].props["socket-id"], 1, "lowest slot first");
         qmp.add_cpu("cpu-1", &slots[0]).await.unwrap();
-        qmp.set_virtio_mem_size("hotmem", 1 << 30).await.unwrap();
-        assert_eq!(qmp.virtio_mem_plugged("hotmem").await.unwrap(), 1 << 30);
-        let err = qmp.virtio_mem_plugged("nope").await.unwrap_err();
-        assert_eq!(err.to_string(), "GenericError: no device");
+        let err = qmp.add_dimm("dimm-0", 1 << 30).await.unwrap_err();
+        assert_eq!(err.to_string(), "GenericError: no free slots");
         drop(qmp);
         let seen: Vec<Value> = peer.await.unwrap()[1..]
             .iter()
@@ -364,14 +359,16 @@ mod tests {
         );
         assert_eq!(
             seen[2],
-            json!({"execute": "qom-set", "arguments": {
-                "path": "/machine/peripheral/hotmem",
-                "property": "requested-size", "value": 1u64 << 30}})
+            json!({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-memfd", "id": "dimm-0-mem",
+                "size": 1u64 << 30, "share": true}})
         );
+        assert_eq!(seen[3]["arguments"]["driver"], "pc-dimm");
+        assert_eq!(seen[3]["arguments"]["memdev"], "dimm-0-mem");
+        // The failed DIMM's backend is removed.
         assert_eq!(
-            seen[3],
-            json!({"execute": "qom-get", "arguments": {
-                "path": "/machine/peripheral/hotmem", "property": "size"}})
+            seen[4],
+            json!({"execute": "object-del", "arguments": {"id": "dimm-0-mem"}})
         );
     }
 

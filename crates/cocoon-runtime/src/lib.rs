@@ -445,8 +445,7 @@ impl Sandbox {
     }
 
     /// Back to what the recorded containers need: CPUs no container
-    /// needs any more are offlined, memory no container needs is asked
-    /// back (the guest unplugs what it can free, in the background).
+    /// needs any more are offlined; memory stays (it is not unplugged).
     /// A failure is logged: the VM is only bigger than it needs to be.
     async fn fit(&mut self) {
         let target = self.sizing.target();
@@ -455,19 +454,17 @@ impl Sandbox {
         }
     }
 
-    /// Plugs what `target` needs beyond what is plugged (memory: asks
-    /// for `target`'s, up or down), then has the guest online `target`'s
-    /// vCPUs (offlining any beyond) and the plugged memory, within
-    /// [`ONLINE_TIMEOUT`].
+    /// Plugs what `target` needs beyond what is plugged, then has the
+    /// guest online `target`'s vCPUs (offlining any beyond) and all the
+    /// plugged memory, within [`ONLINE_TIMEOUT`].
     async fn resize_to(&mut self, target: VmSize) -> Result<(), cocoon_protocols::Error> {
         use cocoon_protocols::Error as P;
         let before = self.vm.size();
         let t = std::time::Instant::now();
-        let plugged = self.vm.resize(target).await.map_err(|e| {
+        let plugged = self.vm.grow(target).await.map_err(|e| {
             let msg = format!("sandbox {}: {}", self.id, error_chain(&e));
             match e {
                 cocoon_hypervisor::Error::Ceiling { .. } => P::InvalidArgument(msg),
-                cocoon_hypervisor::Error::PlugTimeout { .. } => P::DeadlineExceeded(msg),
                 _ => P::Internal(msg),
             }
         })?;

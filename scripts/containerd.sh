@@ -27,10 +27,17 @@ start)
   [ -x "$shim" ] || { echo "containerd.sh: $shim missing: cargo build --release" >&2; exit 1; }
   mkdir -p "$dir/root" "$dir/state" "$dir/flavours" "$dir/cni/net.d" "$dir/cni/ipam" "$dir/images"
   for machine in q35 microvm; do
+    # Room to grow for containers' limits: 4 vCPUs; 4 GiB on q35 (microvm
+    # cannot hotplug memory: its ceiling is its size).
+    case $machine in
+    q35) ceilings=$'max_vcpus = 4\nmax_memory_mib = 4096' ;;
+    microvm) ceilings='max_vcpus = 4' ;;
+    esac
     cat > "$dir/flavours/$machine.toml" <<TOML
 [hypervisor]
 machine = "$machine"
 boot_timeout_secs = 60
+$ceilings
 
 [guest]
 dir = "$guest"

@@ -11,9 +11,13 @@ mod schema;
 
 pub use load::{default_search_paths, load, load_file, Loaded, Source, ENV_CONF_FILE};
 pub use schema::{
-    Accel, Config, GuestConfig, HypervisorConfig, Machine, RuntimeConfig, VirtiofsConfig,
-    VsockConfig, VsockTransport,
+    Accel, Config, GuestConfig, HostSize, HypervisorConfig, Machine, RuntimeConfig, VirtiofsConfig,
+    VsockConfig, VsockTransport, DEFAULT_MAX_MEMORY_MIB_CAP, DEFAULT_MAX_VCPUS_CAP,
 };
+
+/// The unit memory is hotplugged in: the guest kernel's memory block on
+/// x86-64 (128 MiB for guests under 64 GiB).
+pub const HOTPLUG_BLOCK_MIB: u32 = 128;
 
 use std::path::PathBuf;
 

@@ -211,6 +211,67 @@ mod tests {
     }
 
     #[test]
+    fn ceilings_are_read_and_checked() {
+        let c = parse(
+            p(),
+            "[hypervisor]\nvcpus = 2\nmemory_mib = 1024\nmax_vcpus = 6\nmax_memory_mib = 8192\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.hypervisor.max_vcpus, c.hypervisor.max_memory_mib),
+            (6, 8192)
+        );
+        // Defaults: the host's size, capped, and never below the boot size.
+        let host = crate::HostSize::probe();
+        let c = parse(p(), "[hypervisor]\nvcpus = 40\nmemory_mib = 512\n").unwrap();
+        assert_eq!(c.hypervisor.max_vcpus, 40);
+        assert_eq!(
+            c.hypervisor.max_memory_mib,
+            host.default_max_memory_mib().max(512)
+        );
+        assert!(c.hypervisor.max_memory_mib <= crate::DEFAULT_MAX_MEMORY_MIB_CAP);
+        for (text, line, key) in [
+            (
+                "[hypervisor]\nvcpus = 2\n\nmax_vcpus = 1\n",
+                4,
+                "hypervisor.max_vcpus",
+            ),
+            ("[hypervisor]\nmax_vcpus = 256\n", 2, "hypervisor.max_vcpus"),
+            (
+                "[hypervisor]\nmemory_mib = 1024\nmax_memory_mib = 512\n",
+                3,
+                "hypervisor.max_memory_mib",
+            ),
+            // microvm cannot hotplug memory: its ceiling is its size.
+            (
+                "[hypervisor]\nmachine = \"microvm\"\nmax_memory_mib = 4096\n",
+                3,
+                "hypervisor.max_memory_mib",
+            ),
+        ] {
+            let msg = parse(p(), text).unwrap_err().to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "/cfg/flavour.toml:{line}: invalid value for `{key}`"
+                )),
+                "{text}: {msg}"
+            );
+        }
+        let m = parse(
+            p(),
+            "[hypervisor]\nmachine = \"microvm\"\nmemory_mib = 768\n",
+        )
+        .unwrap();
+        assert_eq!(m.hypervisor.max_memory_mib, 768);
+        let m = parse(
+            p(),
+            "[hypervisor]\nmachine = \"microvm\"\nmemory_mib = 768\nmax_memory_mib = 768\n",
+        )
+        .unwrap();
+        assert_eq!(m.hypervisor.max_memory_mib, 768);
+    }
+
+    #[test]
     fn explicit_path_wins_and_must_exist() {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a.toml");
@@ -249,5 +310,10 @@ mod tests {
         );
         let m = load_file(&dir.join("microvm.toml")).unwrap();
         assert_eq!(m.hypervisor.machine, Machine::Microvm);
+        assert!(m.hypervisor.max_vcpus >= 4);
+        for q in ["q35.toml", "q35-tcg.toml"] {
+            let h = load_file(&dir.join(q)).unwrap().hypervisor;
+            assert!(h.max_vcpus >= 4 && h.max_memory_mib >= 4096, "{q}: {h:?}");
+        }
     }
 }

@@ -63,6 +63,8 @@ impl Config {
                     ("machine", string(h.machine.as_str())),
                     ("vcpus", h.vcpus.to_string()),
                     ("memory_mib", h.memory_mib.to_string()),
+                    ("max_vcpus", h.max_vcpus.to_string()),
+                    ("max_memory_mib", h.max_memory_mib.to_string()),
                     ("kernel_params", string(&h.kernel_params)),
                     (
                         "boot_timeout_secs",
@@ -127,6 +129,9 @@ mod tests {
         c.hypervisor.machine = Machine::Microvm;
         c.hypervisor.vcpus = 3;
         c.hypervisor.memory_mib = 768;
+        c.hypervisor.max_vcpus = 5;
+        // microvm: no memory growth, the ceiling is the size.
+        c.hypervisor.max_memory_mib = 768;
         c.hypervisor.kernel_params = "quiet \"x\"\\y".into();
         c.hypervisor.boot_timeout = std::time::Duration::from_millis(12_500);
         c.guest.dir = dir.path().join("guest dir");
@@ -141,6 +146,14 @@ mod tests {
         std::fs::write(&file, &text).unwrap();
         let back = crate::load_file(&file).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(back, c, "{text}");
+        assert!(text.contains("max_vcpus = 5\n"), "{text}");
+        assert!(text.contains("max_memory_mib = 768\n"), "{text}");
+        // A q35 flavour with room to grow.
+        c.hypervisor.machine = Machine::Q35;
+        c.hypervisor.max_memory_mib = 4096;
+        let text = c.to_toml(|_| None);
+        std::fs::write(&file, &text).unwrap();
+        assert_eq!(crate::load_file(&file).unwrap(), c, "{text}");
         // The defaults too.
         let d = Config::default();
         std::fs::write(&file, d.to_toml(|_| None)).unwrap();

@@ -50,8 +50,17 @@ pub struct HypervisorConfig {
     pub path: PathBuf,
     pub accel: Accel,
     pub machine: Machine,
+    /// vCPUs the VM boots with.
     pub vcpus: u32,
+    /// Memory the VM boots with.
     pub memory_mib: u32,
+    /// The most vCPUs the VM may grow to, by hotplug, for its containers'
+    /// CPU limits (at least `vcpus`).
+    pub max_vcpus: u32,
+    /// The most memory the VM may grow to, by hotplug, for its containers'
+    /// memory limits (at least `memory_mib`; on microvm, which has no
+    /// memory hotplug, exactly `memory_mib`).
+    pub max_memory_mib: u32,
     /// Extra kernel parameters, appended after Cocoon's own.
     pub kernel_params: String,
     /// How long the guest agent may take to answer after QEMU starts.
@@ -60,15 +69,61 @@ pub struct HypervisorConfig {
 
 impl Default for HypervisorConfig {
     fn default() -> Self {
+        let host = HostSize::probe();
         Self {
             path: "qemu-system-x86_64".into(),
             accel: Accel::Auto,
             machine: Machine::Q35,
             vcpus: 1,
             memory_mib: 512,
+            max_vcpus: host.default_max_vcpus(),
+            max_memory_mib: host.default_max_memory_mib(),
             kernel_params: String::new(),
             boot_timeout: std::time::Duration::from_secs(30),
         }
+    }
+}
+
+/// The default ceilings: the host's size, capped.
+pub const DEFAULT_MAX_VCPUS_CAP: u32 = 16;
+pub const DEFAULT_MAX_MEMORY_MIB_CAP: u32 = 16 * 1024;
+
+/// The host's CPUs and memory, which bound the default ceilings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSize {
+    pub cpus: u32,
+    pub memory_mib: u32,
+}
+
+impl HostSize {
+    /// This host: the CPUs this process may run on, and `MemTotal`.
+    pub fn probe() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kib| u32::try_from(kib / 1024).unwrap_or(u32::MAX))
+            .unwrap_or(DEFAULT_MAX_MEMORY_MIB_CAP);
+        Self { cpus, memory_mib }
+    }
+
+    /// `max_vcpus` when the file names none: the host's CPUs, at most
+    /// [`DEFAULT_MAX_VCPUS_CAP`].
+    pub fn default_max_vcpus(self) -> u32 {
+        self.cpus.clamp(1, DEFAULT_MAX_VCPUS_CAP)
+    }
+
+    /// `max_memory_mib` when the file names none: the host's memory
+    /// (whole hotplug blocks), at most [`DEFAULT_MAX_MEMORY_MIB_CAP`].
+    pub fn default_max_memory_mib(self) -> u32 {
+        let m = self.memory_mib.min(DEFAULT_MAX_MEMORY_MIB_CAP);
+        m - m % crate::HOTPLUG_BLOCK_MIB
     }
 }
 
@@ -170,6 +225,8 @@ pub(crate) struct RawHypervisor {
     pub machine: Option<Machine>,
     pub vcpus: Option<i64>,
     pub memory_mib: Option<i64>,
+    pub max_vcpus: Option<i64>,
+    pub max_memory_mib: Option<i64>,
     pub kernel_params: Option<String>,
     pub boot_timeout_secs: Option<f64>,
 }
@@ -250,6 +307,40 @@ impl RawConfig {
                 ))
             }
         };
+        let machine = h.machine.unwrap_or(d.hypervisor.machine);
+        let max_vcpus = match h.max_vcpus {
+            // Never below the boot size, whatever the host.
+            None => d.hypervisor.max_vcpus.max(vcpus),
+            Some(n) if (vcpus as i64..=255).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(invalid(
+                    "hypervisor.max_vcpus",
+                    format!("{n} is not between vcpus ({vcpus}) and 255"),
+                ))
+            }
+        };
+        let max_memory_mib = match (machine, h.max_memory_mib) {
+            // microvm has no memory hotplug: its size is its ceiling.
+            (Machine::Microvm, None) => memory_mib,
+            (Machine::Microvm, Some(n)) if n == memory_mib as i64 => memory_mib,
+            (Machine::Microvm, Some(n)) => {
+                return Err(invalid(
+                    "hypervisor.max_memory_mib",
+                    format!(
+                        "{n}: a microvm cannot grow its memory (QEMU's microvm has no memory \
+                         hotplug); it must equal memory_mib ({memory_mib}), or be left out"
+                    ),
+                ))
+            }
+            (Machine::Q35, None) => d.hypervisor.max_memory_mib.max(memory_mib),
+            (Machine::Q35, Some(n)) if (memory_mib as i64..=1_048_576).contains(&n) => n as u32,
+            (Machine::Q35, Some(n)) => {
+                return Err(invalid(
+                    "hypervisor.max_memory_mib",
+                    format!("{n} is not between memory_mib ({memory_mib}) and 1048576"),
+                ))
+            }
+        };
         let boot_timeout = match h.boot_timeout_secs {
             None => d.hypervisor.boot_timeout,
             Some(s) if s > 0.0 && s <= 3600.0 => std::time::Duration::from_secs_f64(s),
@@ -267,9 +358,11 @@ impl RawConfig {
         let hypervisor = HypervisorConfig {
             path: h.path.map(rel).unwrap_or(d.hypervisor.path),
             accel: h.accel.unwrap_or(d.hypervisor.accel),
-            machine: h.machine.unwrap_or(d.hypervisor.machine),
+            machine,
             vcpus,
             memory_mib,
+            max_vcpus,
+            max_memory_mib,
             kernel_params,
             boot_timeout,
         };

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 
 pub use host::{HostCaps, KvmKind};
 pub use logfile::{LOG_CAP, TAIL_MAX_BYTES};
-pub use qemu::Qemu;
+pub use qemu::{Qemu, MEMORY_SLOTS};
 pub use vsock::{VsockConnector, VsockStream, CONNECT_TIMEOUT};
 
 /// The accelerator a VM really runs with (after `auto` is resolved).
@@ -140,6 +140,14 @@ pub enum Error {
         #[source]
         source: qmp::QmpError,
     },
+    #[error("cannot grow the VM to {want}: its ceiling is {max}")]
+    Ceiling { want: VmSize, max: VmSize },
+    #[error("hotplug of {what}")]
+    Hotplug {
+        what: String,
+        #[source]
+        source: qmp::QmpError,
+    },
     #[error("vsock port {port}")]
     Vsock {
         port: u32,
@@ -165,6 +173,20 @@ pub trait Hypervisor: Send + Sync {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>>;
 }
 
+/// What a VM has plugged: vCPUs and memory present in the machine (the
+/// guest onlines them; see the agent's `OnlineResources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+impl std::fmt::Display for VmSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} vCPUs, {} MiB", self.vcpus, self.memory_mib)
+    }
+}
+
 /// A running VM.
 #[async_trait]
 pub trait Vm: Send + Sync {
@@ -174,6 +196,16 @@ pub trait Vm: Send + Sync {
     fn pids(&self) -> Vec<(&'static str, u32)>;
     /// How to reach the guest's vsock ports.
     fn vsock(&self) -> &VsockConnector;
+    /// What is plugged now.
+    fn size(&self) -> VmSize;
+    /// The most the VM can grow to (the flavour's ceilings).
+    fn max_size(&self) -> VmSize;
+    /// Hotplugs vCPUs and memory until at least `to` is plugged (memory
+    /// may overshoot: it comes in steps that reach the ceiling within the
+    /// machine's hotplug slots). Never shrinks. Fails with
+    /// [`Error::Ceiling`] past [`Vm::max_size`]; a failure leaves what was
+    /// plugged before it plugged.
+    async fn grow(&mut self, to: VmSize) -> Result<VmSize>;
     /// Pauses every vCPU.
     async fn pause(&mut self) -> Result<()>;
     /// Resumes every vCPU.

@@ -20,7 +20,9 @@ use crate::host::find_binary;
 use crate::logfile::{LogPump, LOG_CAP};
 use crate::process::{make_private, wait_for_socket, Daemon};
 use crate::qmp::{Qmp, QMP_TIMEOUT};
-use crate::{Error, Hypervisor, ResolvedAccel, ResolvedVsock, Result, Vm, VmSpec, VsockConnector};
+use crate::{
+    Error, Hypervisor, ResolvedAccel, ResolvedVsock, Result, Vm, VmSize, VmSpec, VsockConnector,
+};
 
 /// Kernel parameters Cocoon always passes; the flavour's own come after them.
 const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 reboot=t quiet loglevel=4 \
@@ -32,6 +34,38 @@ const DAEMON_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The fd set QEMU finds the console pipe in (`/dev/fdset/<N>`).
 const CONSOLE_FDSET: u32 = 1;
+
+/// Memory hotplug slots (DIMMs) of a VM with room to grow. Every DIMM is
+/// one more memory region each vhost-user daemon must map:
+/// vhost-device-vsock 0.3 lacks `CONFIGURE_MEM_SLOTS`, so QEMU allows it
+/// the protocol's baseline of 8 regions in all, boot RAM included (q35
+/// boot RAM takes 2), and refuses a DIMM past that. virtiofsd has the
+/// feature (509 regions). The runtime plans its steps so that these slots
+/// always reach `max_memory_mib` ([`dimm_mib`]).
+pub const MEMORY_SLOTS: u32 = 4;
+
+/// The size of the next DIMM, in MiB, for a VM that has `current` MiB
+/// and wants at least `want`: what is missing, in whole blocks, but never
+/// less than 1/[`MEMORY_SLOTS`] of the whole room, so that the slots reach
+/// `max` however small the steps asked for are; and never past `max`.
+pub fn dimm_mib(base: u64, max: u64, current: u64, want: u64) -> u64 {
+    let block = u64::from(cocoon_config::HOTPLUG_BLOCK_MIB);
+    let up = |n: u64| n.div_ceil(block) * block;
+    let room = max.saturating_sub(base);
+    let least = up(room.div_ceil(u64::from(MEMORY_SLOTS)));
+    up(want.saturating_sub(current))
+        .max(least)
+        .min(max.saturating_sub(current))
+}
+
+/// The hotplug room above the boot memory, in MiB (whole blocks of
+/// [`cocoon_config::HOTPLUG_BLOCK_MIB`]); `None` where the VM cannot grow.
+pub fn memory_room(h: &cocoon_config::HypervisorConfig) -> Option<u64> {
+    let block = u64::from(cocoon_config::HOTPLUG_BLOCK_MIB);
+    let room = u64::from(h.max_memory_mib.saturating_sub(h.memory_mib));
+    let room = room - room % block;
+    (h.machine == Machine::Q35 && room > 0).then_some(room)
+}
 
 /// A value for a QEMU option string (`key=value,key=value`): QEMU reads a
 /// `,` as the end of the value unless it is doubled. Every name and path
@@ -79,10 +113,33 @@ pub fn command_line(spec: &VmSpec, console_fd: RawFd) -> Vec<OsString> {
     if let Some(khz) = spec.tsc_khz {
         params.push_str(&format!(" tsc_early_khz={khz}"));
     }
+    // CPUs: q35 boots `vcpus` and hotplugs up to `max_vcpus` (ACPI);
+    // microvm has no CPU hotplug, so all `max_vcpus` exist from boot and
+    // the kernel brings up only `vcpus` of them (`maxcpus=`): the rest wait
+    // offline, their vCPU threads halted, until the agent onlines them.
+    let smp = if microvm {
+        if h.max_vcpus > h.vcpus {
+            params.push_str(&format!(" maxcpus={}", h.vcpus));
+        }
+        h.max_vcpus.to_string()
+    } else if h.max_vcpus > h.vcpus {
+        format!("{},maxcpus={}", h.vcpus, h.max_vcpus)
+    } else {
+        h.vcpus.to_string()
+    };
     if !h.kernel_params.is_empty() {
         params.push(' ');
         params.push_str(&h.kernel_params);
     }
+    // Memory: q35 gets hotplug slots and room up to `max_memory_mib`;
+    // microvm (no memory hotplug) is validated to have none.
+    let memory = match memory_room(h) {
+        Some(room) => format!(
+            "{mem}M,slots={MEMORY_SLOTS},maxmem={}M",
+            u64::from(mem) + room
+        ),
+        None => format!("{mem}M"),
+    };
     let mut a: Vec<String> = vec![
         "-name".into(),
         opt_value(&spec.name).into_owned(),
@@ -97,9 +154,9 @@ pub fn command_line(spec: &VmSpec, console_fd: RawFd) -> Vec<OsString> {
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
-        h.vcpus.to_string(),
+        smp,
         "-m".into(),
-        format!("{mem}M"),
+        memory,
         // vhost-user devices need guest memory the daemons can map.
         "-object".into(),
         format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
@@ -251,7 +308,21 @@ impl Hypervisor for Qemu {
 
         // Each daemon is owned by `vm` as soon as it exists, so an early
         // return drops (kills) everything started so far.
+        let h = &cfg.hypervisor;
+        let base = VmSize {
+            vcpus: h.vcpus,
+            memory_mib: u64::from(h.memory_mib),
+        };
         let mut vm = QemuVm {
+            size: base,
+            max: VmSize {
+                // microvm: every vCPU exists from boot (`maxcpus=`).
+                vcpus: h.max_vcpus,
+                memory_mib: base.memory_mib + memory_room(h).unwrap_or(0),
+            },
+            base,
+            hotplug: h.machine == Machine::Q35,
+            dimms: 0,
             qemu: None,
             helpers: Vec::new(),
             console: None,
@@ -341,6 +412,15 @@ impl Hypervisor for Qemu {
 
 /// A VM started by [`Qemu`].
 pub struct QemuVm {
+    /// Boot size, plugged size, ceiling.
+    base: VmSize,
+    size: VmSize,
+    max: VmSize,
+    /// Whether vCPUs and memory are hotplugged (q35), or exist from boot
+    /// (microvm's vCPUs; it has no memory to grow).
+    hotplug: bool,
+    /// DIMMs plugged so far.
+    dimms: u32,
     qemu: Option<Daemon>,
     helpers: Vec<Daemon>,
     /// Drains the console pipe; after `qemu` so that, on drop, QEMU is
@@ -387,10 +467,102 @@ impl QemuVm {
     }
 }
 
+impl QemuVm {
+    async fn plug_vcpus(&mut self, qmp: &mut Qmp, want: u32) -> Result<()> {
+        let hotplug = |what: String| {
+            move |source| Error::Hotplug {
+                what: what.clone(),
+                source,
+            }
+        };
+        let slots = qmp
+            .free_cpu_slots()
+            .await
+            .map_err(hotplug("vCPUs: query-hotpluggable-cpus".into()))?;
+        let missing = (want - self.size.vcpus) as usize;
+        if slots.len() < missing {
+            return Err(Error::Hotplug {
+                what: format!("{missing} vCPUs"),
+                source: crate::qmp::QmpError::Malformed(format!(
+                    "only {} free CPU slots",
+                    slots.len()
+                )),
+            });
+        }
+        for slot in &slots[..missing] {
+            let id = format!("cpu{}", self.size.vcpus);
+            let t = std::time::Instant::now();
+            qmp.add_cpu(&id, slot)
+                .await
+                .map_err(hotplug(format!("vCPU {id}")))?;
+            self.size.vcpus += 1;
+            tracing::debug!(%id, ms = t.elapsed().as_millis() as u64, "vCPU plugged");
+        }
+        Ok(())
+    }
+
+    async fn plug_memory(&mut self, qmp: &mut Qmp, want: u64) -> Result<()> {
+        while self.size.memory_mib < want {
+            let mib = dimm_mib(
+                self.base.memory_mib,
+                self.max.memory_mib,
+                self.size.memory_mib,
+                want,
+            );
+            let id = format!("dimm{}", self.dimms);
+            let t = std::time::Instant::now();
+            qmp.add_dimm(&id, mib << 20)
+                .await
+                .map_err(|source| Error::Hotplug {
+                    what: format!("{mib} MiB of memory ({id})"),
+                    source,
+                })?;
+            self.dimms += 1;
+            self.size.memory_mib += mib;
+            tracing::debug!(%id, mib, ms = t.elapsed().as_millis() as u64, "memory plugged");
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Vm for QemuVm {
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn size(&self) -> VmSize {
+        self.size
+    }
+
+    fn max_size(&self) -> VmSize {
+        self.max
+    }
+
+    async fn grow(&mut self, to: VmSize) -> Result<VmSize> {
+        if to.vcpus > self.max.vcpus || to.memory_mib > self.max.memory_mib {
+            return Err(Error::Ceiling {
+                want: to,
+                max: self.max,
+            });
+        }
+        if !self.hotplug {
+            // microvm: the vCPUs are all there; the memory cannot grow and
+            // `max` says so.
+            self.size.vcpus = self.size.vcpus.max(to.vcpus);
+            return Ok(self.size);
+        }
+        if to.vcpus <= self.size.vcpus && to.memory_mib <= self.size.memory_mib {
+            return Ok(self.size);
+        }
+        let mut qmp = self.qmp().await?;
+        if to.vcpus > self.size.vcpus {
+            self.plug_vcpus(&mut qmp, to.vcpus).await?;
+        }
+        if to.memory_mib > self.size.memory_mib {
+            self.plug_memory(&mut qmp, to.memory_mib).await?;
+        }
+        Ok(self.size)
     }
 
     fn vsock(&self) -> &VsockConnector {
@@ -477,6 +649,9 @@ mod tests {
         config.hypervisor.machine = machine;
         config.hypervisor.vcpus = 2;
         config.hypervisor.memory_mib = 768;
+        // No room to grow unless a test gives it.
+        config.hypervisor.max_vcpus = 2;
+        config.hypervisor.max_memory_mib = 768;
         config.hypervisor.kernel_params = "foo=bar".into();
         VmSpec {
             name: "cocoon-t1".into(),
@@ -580,6 +755,73 @@ mod tests {
             ]
         );
         assert!(!joined(&s).contains("vhost-vsock.sock"));
+    }
+
+    #[test]
+    fn room_to_grow_on_q35() {
+        let mut s = spec(Machine::Q35, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
+        s.config.hypervisor.max_vcpus = 4;
+        s.config.hypervisor.max_memory_mib = 4096;
+        let args = command_line(&s, CONSOLE_FD);
+        assert_eq!(arg_after(&args, "-smp"), ["2,maxcpus=4"]);
+        // The room above the boot memory, in whole 128 MiB blocks.
+        assert_eq!(
+            arg_after(&args, "-m"),
+            [format!("768M,slots={MEMORY_SLOTS},maxmem=4096M")]
+        );
+        // Boot RAM stays shared memfd (hotplugged DIMMs are too: qmp.rs).
+        assert_eq!(
+            arg_after(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=768M,share=on"]
+        );
+        assert!(!arg_after(&args, "-append")[0].contains("maxcpus"));
+        s.config.hypervisor.max_memory_mib = 768 + 200;
+        assert_eq!(
+            arg_after(&command_line(&s, CONSOLE_FD), "-m"),
+            [format!("768M,slots={MEMORY_SLOTS},maxmem=896M")]
+        );
+        s.config.hypervisor.max_memory_mib = 768 + 100;
+        assert_eq!(arg_after(&command_line(&s, CONSOLE_FD), "-m"), ["768M"]);
+    }
+
+    #[test]
+    fn microvm_boots_every_vcpu_and_onlines_the_flavours() {
+        let mut s = spec(Machine::Microvm, ResolvedAccel::Tcg, ResolvedVsock::Hybrid);
+        s.config.hypervisor.vcpus = 1;
+        s.config.hypervisor.max_vcpus = 4;
+        let args = command_line(&s, CONSOLE_FD);
+        assert_eq!(arg_after(&args, "-smp"), ["4"]);
+        assert_eq!(arg_after(&args, "-m"), ["768M"]);
+        let append = &arg_after(&args, "-append")[0];
+        assert!(append.contains(" maxcpus=1 "), "{append}");
+        assert!(append.ends_with(" foo=bar"), "{append}");
+        s.config.hypervisor.max_vcpus = 1;
+        let args = command_line(&s, CONSOLE_FD);
+        assert_eq!(arg_after(&args, "-smp"), ["1"]);
+        assert!(!arg_after(&args, "-append")[0].contains("maxcpus"));
+    }
+
+    #[test]
+    fn dimm_steps_reach_the_ceiling_within_the_slots() {
+        // 512 MiB boot, 4096 MiB ceiling: 3584 MiB of room, 4 slots, so no
+        // DIMM is smaller than 896 MiB.
+        assert_eq!(dimm_mib(512, 4096, 512, 640), 896);
+        assert_eq!(dimm_mib(512, 4096, 512, 512 + 1024), 1024);
+        assert_eq!(dimm_mib(512, 4096, 512, 512 + 1000), 1024, "whole blocks");
+        assert_eq!(
+            dimm_mib(512, 4096, 3584, 4096),
+            512,
+            "never past the ceiling"
+        );
+        // However small the steps asked for, the slots reach the ceiling.
+        let mut cur = 512;
+        let mut n = 0;
+        while cur < 4096 {
+            cur += dimm_mib(512, 4096, cur, cur + 128);
+            n += 1;
+        }
+        assert_eq!(cur, 4096);
+        assert!(n <= MEMORY_SLOTS, "{n} DIMMs");
     }
 
     #[test]

@@ -44,6 +44,15 @@ pub enum QmpError {
     Broken,
 }
 
+/// A CPU slot QEMU can hotplug a vCPU into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuSlot {
+    /// The CPU device type (`max-x86_64-cpu`, `host-x86_64-cpu`, ...).
+    pub driver: String,
+    /// The topology properties naming the slot (`socket-id`, `core-id`, ...).
+    pub props: serde_json::Map<String, Value>,
+}
+
 /// A negotiated QMP connection.
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
@@ -170,6 +179,70 @@ impl Qmp {
         self.execute("cont", None).await.map(drop)
     }
 
+    /// `query-hotpluggable-cpus`: the CPU slots not yet plugged (no
+    /// `qom-path`), each as its driver and the `props` that name it, in
+    /// QEMU's order reversed (QEMU lists the highest slot first).
+    pub async fn free_cpu_slots(&mut self) -> Result<Vec<CpuSlot>, QmpError> {
+        let r = self.execute("query-hotpluggable-cpus", None).await?;
+        let list = r
+            .as_array()
+            .ok_or_else(|| QmpError::Malformed(quote(&r.to_string())))?;
+        let mut slots = Vec::new();
+        for c in list {
+            if c.get("qom-path").is_some() {
+                continue;
+            }
+            let driver = c.get("type").and_then(Value::as_str);
+            let props = c.get("props").and_then(Value::as_object);
+            match (driver, props) {
+                (Some(d), Some(p)) => slots.push(CpuSlot {
+                    driver: d.to_string(),
+                    props: p.clone(),
+                }),
+                _ => return Err(QmpError::Malformed(quote(&c.to_string()))),
+            }
+        }
+        slots.reverse();
+        Ok(slots)
+    }
+
+    /// `device_add` of a vCPU in `slot`, named `id`.
+    pub async fn add_cpu(&mut self, id: &str, slot: &CpuSlot) -> Result<(), QmpError> {
+        let mut args = slot.props.clone();
+        args.insert("driver".into(), slot.driver.clone().into());
+        args.insert("id".into(), id.into());
+        self.execute("device_add", Some(Value::Object(args)))
+            .await
+            .map(drop)
+    }
+
+    /// A DIMM of `bytes` named `id`, backed by shared memfd memory (named
+    /// `id-mem`) that vhost-user daemons can map like the boot RAM: the
+    /// backend, then the `pc-dimm`; if the device fails, the backend goes.
+    pub async fn add_dimm(&mut self, id: &str, bytes: u64) -> Result<(), QmpError> {
+        let mem = format!("{id}-mem");
+        self.execute(
+            "object-add",
+            Some(json!({
+                "qom-type": "memory-backend-memfd",
+                "id": mem,
+                "size": bytes,
+                "share": true,
+            })),
+        )
+        .await?;
+        let added = self
+            .execute(
+                "device_add",
+                Some(json!({ "driver": "pc-dimm", "id": id, "memdev": mem })),
+            )
+            .await;
+        if added.is_err() && !self.broken {
+            let _ = self.execute("object-del", Some(json!({ "id": mem }))).await;
+        }
+        added.map(drop)
+    }
+
     /// Asks QEMU to exit. The connection may close before the reply arrives.
     pub async fn quit(&mut self) -> Result<(), QmpError> {
         match self.execute("quit", None).await {
@@ -239,6 +312,64 @@ mod tests {
         assert_eq!(seen[0], r#"{"execute":"qmp_capabilities"}"#);
         assert_eq!(seen[1], r#"{"execute":"query-status"}"#);
         assert_eq!(seen[2], r#"{"execute":"cont"}"#);
+    }
+
+    #[tokio::test]
+    async fn hotplug_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let cpus = r#"{"return": [
+            {"props": {"core-id": 0, "thread-id": 0, "socket-id": 2}, "vcpus-count": 1, "type": "max-x86_64-cpu"},
+            {"props": {"core-id": 0, "thread-id": 0, "socket-id": 1}, "vcpus-count": 1, "type": "max-x86_64-cpu"},
+            {"props": {"core-id": 0, "thread-id": 0, "socket-id": 0}, "vcpus-count": 1, "qom-path": "/machine/unattached/device[0]", "type": "max-x86_64-cpu"}
+        ]}"#
+        .replace('\n', " ")
+            + "\n";
+        let cpus: &'static str = Box::leak(cpus.into_boxed_str());
+        let peer = tokio::spawn(fake_qemu(
+            listener,
+            vec![
+                "{\"return\": {}}\n",
+                cpus,
+                "{\"return\": {}}\n",
+                "{\"return\": {}}\n",
+                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no free slots\"}}\n",
+                "{\"return\": {}}\n",
+            ],
+        ));
+        let mut qmp = Qmp::connect(&path, QMP_TIMEOUT).await.unwrap();
+        let slots = qmp.free_cpu_slots().await.unwrap();
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[0].props["socket-id"], 1, "lowest slot first");
+        qmp.add_cpu("cpu-1", &slots[0]).await.unwrap();
+        let err = qmp.add_dimm("dimm-0", 1 << 30).await.unwrap_err();
+        assert_eq!(err.to_string(), "GenericError: no free slots");
+        drop(qmp);
+        let seen: Vec<Value> = peer.await.unwrap()[1..]
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(seen[0]["execute"], "query-hotpluggable-cpus");
+        assert_eq!(
+            seen[1],
+            json!({"execute": "device_add", "arguments": {
+                "driver": "max-x86_64-cpu", "id": "cpu-1",
+                "core-id": 0, "thread-id": 0, "socket-id": 1}})
+        );
+        assert_eq!(
+            seen[2],
+            json!({"execute": "object-add", "arguments": {
+                "qom-type": "memory-backend-memfd", "id": "dimm-0-mem",
+                "size": 1u64 << 30, "share": true}})
+        );
+        assert_eq!(seen[3]["arguments"]["driver"], "pc-dimm");
+        assert_eq!(seen[3]["arguments"]["memdev"], "dimm-0-mem");
+        // The failed DIMM's backend is removed.
+        assert_eq!(
+            seen[4],
+            json!({"execute": "object-del", "arguments": {"id": "dimm-0-mem"}})
+        );
     }
 
     #[tokio::test]

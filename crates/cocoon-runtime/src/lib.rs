@@ -13,6 +13,7 @@ mod container;
 pub mod network;
 mod portforward;
 mod rundir;
+pub mod sizing;
 pub mod spec;
 
 use std::path::{Path, PathBuf};
@@ -20,11 +21,12 @@ use std::time::Duration;
 
 use cgroup::{CgroupPath, HostCgroup};
 use cocoon_config::Config;
-use cocoon_hypervisor::{HostCaps, Hypervisor, Vm, VmSpec};
-use cocoon_protocols::agent::{CreateSandboxRequest, Empty};
+use cocoon_hypervisor::{HostCaps, Hypervisor, Vm, VmSize, VmSpec};
+use cocoon_protocols::agent::{CreateSandboxRequest, Empty, OnlineResourcesRequest};
 use cocoon_protocols::agent_ttrpc::AgentClient;
 use cocoon_protocols::Id;
 use network::Network;
+use sizing::{Demand, Sizing};
 
 pub use container::{Container, ProcessExit};
 pub use rundir::{cleanup_dead, owned_processes, sandbox_id_of, Access, RunDir, ShareName};
@@ -244,8 +246,15 @@ pub struct Sandbox {
     network: Option<Network>,
     agent: AgentClient,
     kernel_release: String,
+    /// What the containers ask of the VM, and what the guest was last
+    /// told to have online.
+    sizing: Sizing,
+    online: VmSize,
     dir: RunDir,
 }
+
+/// How long the guest has to online hotplugged vCPUs and memory.
+pub const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Sandbox {
     /// Boots the VM for sandbox `id` with the hypervisor `config` names,
@@ -376,8 +385,14 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        let base = VmSize {
+            vcpus: config.hypervisor.vcpus,
+            memory_mib: config.hypervisor.memory_mib.into(),
+        };
         let sandbox = Self {
             id: id.clone(),
+            sizing: Sizing::new(base, vm.max_size()),
+            online: base,
             vm,
             cgroup,
             network,
@@ -448,6 +463,115 @@ impl Sandbox {
         self.vm.as_mut()
     }
 
+    /// What the VM has plugged (vCPUs and memory).
+    pub fn size(&self) -> VmSize {
+        self.vm.size()
+    }
+
+    /// What the guest has online, as it last reported it.
+    pub fn online(&self) -> VmSize {
+        self.online
+    }
+
+    /// Sizes the VM for container `id` having `resources` (a new
+    /// container, or new limits of one): the flavour's size plus every
+    /// container's limits ([`sizing`]), grown by hotplug and onlined in the
+    /// guest before this returns. InvalidArgument, before anything
+    /// changes, if that is past the flavour's ceiling.
+    pub async fn resize_for(
+        &mut self,
+        id: &Id,
+        resources: Option<&oci_spec::runtime::LinuxResources>,
+    ) -> Result<(), cocoon_protocols::Error> {
+        let demand = Demand::of(resources);
+        let target = self.sizing.target_with(id, demand)?;
+        self.resize_to(target).await?;
+        self.sizing.set(id, demand);
+        Ok(())
+    }
+
+    /// Back to what the recorded containers need: CPUs no container
+    /// needs any more are offlined; memory stays (it is not unplugged).
+    /// A failure is logged: the VM is only bigger than it needs to be.
+    async fn fit(&mut self) {
+        let target = self.sizing.target();
+        if let Err(e) = self.resize_to(target).await {
+            tracing::warn!(sandbox = %self.id, "resize to {target}: {e}");
+        }
+    }
+
+    /// Plugs what `target` needs beyond what is plugged, then has the
+    /// guest online `target`'s vCPUs (offlining any beyond) and all the
+    /// plugged memory, within [`ONLINE_TIMEOUT`].
+    async fn resize_to(&mut self, target: VmSize) -> Result<(), cocoon_protocols::Error> {
+        use cocoon_protocols::Error as P;
+        let before = self.vm.size();
+        let t = std::time::Instant::now();
+        let plugged = self.vm.grow(target).await.map_err(|e| {
+            let msg = format!("sandbox {}: {}", self.id, error_chain(&e));
+            match e {
+                cocoon_hypervisor::Error::Ceiling { .. } => P::InvalidArgument(msg),
+                _ => P::Internal(msg),
+            }
+        })?;
+        let want = VmSize {
+            vcpus: target.vcpus,
+            memory_mib: plugged.memory_mib,
+        };
+        if want == self.online {
+            return Ok(());
+        }
+        let req = OnlineResourcesRequest {
+            vcpus: want.vcpus,
+            memory_mib: want.memory_mib,
+            timeout_ms: ONLINE_TIMEOUT.as_millis() as u32,
+            ..Default::default()
+        };
+        let r = self
+            .agent
+            .online_resources(ctx(ONLINE_TIMEOUT + Duration::from_secs(5)), &req)
+            .await
+            .map_err(|e| {
+                P::from_ttrpc(
+                    format!("sandbox {}: online {want} in the guest", self.id),
+                    e,
+                )
+            })?;
+        // The guest's numbers are only reported, never trusted for sizing.
+        self.online = VmSize {
+            vcpus: r.online_vcpus.min(want.vcpus.max(1)),
+            memory_mib: want.memory_mib,
+        };
+        tracing::info!(
+            sandbox = %self.id,
+            %before,
+            %plugged,
+            online_vcpus = r.online_vcpus,
+            online_memory_mib = r.online_memory_mib,
+            ms = t.elapsed().as_millis() as u64,
+            "resized"
+        );
+        Ok(())
+    }
+
+    /// Applies new resource limits to container `id`: the VM grows first
+    /// (or the update is refused, past the ceiling), then the guest's
+    /// cgroup changes; CPUs an update no longer needs are offlined after.
+    pub async fn update_container(
+        &mut self,
+        id: &Id,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), cocoon_protocols::Error> {
+        let previous = self.sizing.clone();
+        self.resize_for(id, Some(resources)).await?;
+        let r = self.container(id).update(resources).await;
+        if r.is_err() {
+            self.sizing = previous;
+        }
+        self.fit().await;
+        r
+    }
+
     /// Creates container `id` in the guest: shares host directory `rootfs`
     /// as its root filesystem and each host bind mount of `spec` (files
     /// and directories, with the spec's ro/rw), rewrites `spec` for the
@@ -462,6 +586,8 @@ impl Sandbox {
         rootfs: &Path,
         terminal: bool,
     ) -> Result<Container, cocoon_protocols::Error> {
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        self.resize_for(id, resources.as_ref()).await?;
         let shared = self.share_container(id, &mut spec, rootfs);
         let created = match shared {
             Ok(()) => self.channel().create_container(id, &spec, terminal).await,
@@ -471,6 +597,8 @@ impl Sandbox {
             if let Err(u) = self.dir.unshare_container(id) {
                 tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&u));
             }
+            self.sizing.remove(id);
+            self.fit().await;
         }
         created
     }
@@ -515,6 +643,10 @@ impl Sandbox {
         }
         if let Err(e) = self.dir.unshare_container(id) {
             tracing::warn!(sandbox = %self.id, container = %id, "{}", error_chain(&e));
+        }
+        self.sizing.remove(id);
+        if self.vm.try_wait().is_none() {
+            self.fit().await;
         }
     }
 

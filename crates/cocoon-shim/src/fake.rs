@@ -292,6 +292,13 @@ impl PodHandle for FakePod {
         }
         r
     }
+    async fn update_container(
+        &mut self,
+        id: &Id,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()> {
+        self.channel.container(id).update(resources).await
+    }
     async fn remove_container(&mut self, id: &Id) {
         let _ = self.channel.container(id).remove().await;
         self.shared.lock().unwrap().remove(id.as_str());

@@ -30,6 +30,13 @@ pub trait PodHandle: Send + Sync {
         rootfs: &Path,
         terminal: bool,
     ) -> Result<Container>;
+    /// Applies new resource limits to a container, growing the VM first
+    /// (InvalidArgument past the flavour's ceiling).
+    async fn update_container(
+        &mut self,
+        id: &Id,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()>;
     /// Removes a container from the guest and stops sharing its rootfs.
     async fn remove_container(&mut self, id: &Id);
     /// `Some(status)` once the VM has died.
@@ -94,6 +101,13 @@ impl PodHandle for Sandbox {
         terminal: bool,
     ) -> Result<Container> {
         Sandbox::create_container(self, id, spec, rootfs, terminal).await
+    }
+    async fn update_container(
+        &mut self,
+        id: &Id,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()> {
+        Sandbox::update_container(self, id, resources).await
     }
     async fn remove_container(&mut self, id: &Id) {
         Sandbox::remove_container(self, id).await

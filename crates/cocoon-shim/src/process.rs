@@ -106,7 +106,7 @@ impl Service {
     }
 
     pub(crate) async fn update(&self, id: Id, resources: Option<&Any>) -> Result<()> {
-        let c = self.known(&id, None)?;
+        self.known(&id, None)?;
         let res = resources
             .ok_or_else(|| Error::InvalidArgument(format!("update of task {id}: no resources")))?;
         if !any_type(res).ends_with("LinuxResources") {
@@ -117,7 +117,12 @@ impl Service {
         }
         let parsed: oci_spec::runtime::LinuxResources = serde_json::from_slice(&res.value)
             .map_err(|e| Error::InvalidArgument(format!("update of task {id}: {e}")))?;
-        c.update(&parsed).await
+        // Through the pod: the VM may have to grow for the new limits.
+        let mut guard = self.s.pod.lock().await;
+        let pod = guard
+            .as_mut()
+            .ok_or_else(|| Error::Unavailable("the pod VM is not running".into()))?;
+        pod.update_container(&id, &parsed).await
     }
 
     /// Pause (`true`) or resume (`false`) a container's processes.

@@ -6,7 +6,7 @@
 //! [`sandbox`], [`containers`] and [`processes`] are the operations,
 //! [`network`] configures the pod's NICs,
 //! [`cgroups`] reads and updates a container's cgroup, [`oom`] reports OOM
-//! kills.
+//! kills, [`resources`] onlines the CPUs and memory the host hotplugged.
 
 mod cgroups;
 mod containers;
@@ -14,6 +14,7 @@ mod network;
 mod oom;
 mod portforward;
 mod processes;
+mod resources;
 mod rpc;
 mod sandbox;
 mod spec;

@@ -11,7 +11,7 @@ use cocoon_protocols::{agent_ttrpc, Error, Id};
 use ttrpc::r#async::TtrpcContext;
 
 use super::containers::Lifecycle;
-use super::{network, sandbox, Agent, Result};
+use super::{network, resources, sandbox, Agent, Result};
 
 /// The largest OCI spec accepted.
 pub const MAX_SPEC_JSON: usize = 2 << 20;
@@ -106,6 +106,28 @@ impl agent_ttrpc::Agent for Rpc {
             network::configure(&cfg).await
         };
         reply("configure network", r.await.map(|_| Empty::new()))
+    }
+
+    async fn online_resources(
+        &self,
+        _: &TtrpcContext,
+        req: OnlineResourcesRequest,
+    ) -> ttrpc::Result<OnlineResourcesResponse> {
+        let r = async {
+            if req.vcpus == 0 {
+                return Err(Error::InvalidArgument("online 0 vCPUs".into()));
+            }
+            let timeout = std::time::Duration::from_millis(req.timeout_ms.into());
+            resources::online(req.vcpus, req.memory_mib, timeout).await
+        };
+        reply(
+            "online resources",
+            r.await.map(|o| OnlineResourcesResponse {
+                online_vcpus: o.vcpus,
+                online_memory_mib: o.memory_mib,
+                ..Default::default()
+            }),
+        )
     }
 
     async fn create_container(

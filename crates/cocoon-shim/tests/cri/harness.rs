@@ -276,6 +276,19 @@ impl Cri {
         Ok(())
     }
 
+    /// UpdateContainerResources.
+    pub fn update_resources(&self, id: &str, linux: LinuxContainerResources) -> Result<(), Error> {
+        self.block_on(
+            self.rs()
+                .update_container_resources(UpdateContainerResourcesRequest {
+                    container_id: id.into(),
+                    linux: Some(linux),
+                    ..Default::default()
+                }),
+        )?;
+        Ok(())
+    }
+
     /// The streaming URL of an interactive exec.
     pub fn exec_url(&self, req: ExecRequest) -> Result<String, Error> {
         Ok(self.block_on(self.rs().exec(req))?.into_inner().url)

@@ -9,6 +9,7 @@
 
 mod cgroups;
 mod harness;
+mod sizing;
 mod stream;
 
 use std::io::{Read, Write};

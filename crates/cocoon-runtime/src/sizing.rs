@@ -1,7 +1,12 @@
-//! The VM's size follows its containers' limits, as Kata sizes its VMs:
-//! the flavour's size, plus each container's CPU limit (`ceil(quota /
-//! period)` vCPUs) and memory limit (rounded up to the hotplug block),
-//! never past the flavour's ceiling. [`Sizing`] is that arithmetic, kept
+//! The VM's size follows its containers' limits: memory as Kata sizes
+//! it, the flavour's memory plus each container's memory limit (rounded
+//! up to the hotplug block), since the guest's kernel and agent need
+//! theirs besides; vCPUs as many as the containers' CPU limits together
+//! (`ceil(quota / period)` each), at least the flavour's, since a limit
+//! of N CPUs can use no more than N and the guest's own work is the
+//! RuntimeClass overhead's (Kata adds them to its default vCPUs, which
+//! gives a container limited to 2 CPUs a VM of 3). Never past the
+//! flavour's ceiling. [`Sizing`] is that arithmetic, kept
 //! apart from the hotplug that carries it out ([`crate::Sandbox`]).
 
 use std::collections::BTreeMap;
@@ -69,10 +74,14 @@ impl Sizing {
     }
 
     fn sum<'a>(&self, demands: impl Iterator<Item = &'a Demand>) -> VmSize {
-        demands.fold(self.base, |s, d| VmSize {
+        let limits = demands.fold(Demand::default(), |s, d| Demand {
             vcpus: s.vcpus.saturating_add(d.vcpus),
             memory_mib: s.memory_mib.saturating_add(d.memory_mib),
-        })
+        });
+        VmSize {
+            vcpus: self.base.vcpus.max(limits.vcpus),
+            memory_mib: self.base.memory_mib.saturating_add(limits.memory_mib),
+        }
     }
 
     /// The size the VM needs for its containers as they are.
@@ -115,14 +124,9 @@ impl Sizing {
         }
         if t.vcpus > max.vcpus {
             return Err(Error::InvalidArgument(format!(
-                "container {id}: its CPU limit needs {} vCPUs, which would make the VM \
-                 {} vCPUs ({} of the flavour and {} of the pod's containers); the \
-                 flavour's max_vcpus is {}",
-                demand.vcpus,
-                t.vcpus,
-                base.vcpus,
-                t.vcpus - base.vcpus,
-                max.vcpus
+                "container {id}: its CPU limit needs {} vCPUs, which would make the pod's \
+                 containers' limits {} vCPUs; the flavour's max_vcpus is {}",
+                demand.vcpus, t.vcpus, max.vcpus
             )));
         }
         if t.memory_mib > max.memory_mib {
@@ -206,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn target_is_base_plus_the_containers_up_to_the_ceiling() {
+    fn target_is_the_containers_limits_up_to_the_ceiling() {
         let base = VmSize {
             vcpus: 1,
             memory_mib: 512,
@@ -221,20 +225,27 @@ mod tests {
             vcpus: 2,
             memory_mib: 1024,
         };
+        // vCPUs: the limits (at least the flavour's); memory: the flavour's
+        // plus the limits.
         assert_eq!(
             s.target_with(&id("a"), a).unwrap(),
             VmSize {
-                vcpus: 3,
+                vcpus: 2,
                 memory_mib: 1536
             }
         );
         s.set(&id("a"), a);
         // A second container adds to the first.
         let b = Demand {
-            vcpus: 1,
+            vcpus: 2,
             memory_mib: 2560,
         };
         assert_eq!(s.target_with(&id("b"), b).unwrap(), max);
+        // One without limits needs nothing more.
+        assert_eq!(
+            s.target_with(&id("b"), Demand::default()).unwrap(),
+            s.target()
+        );
         // An update replaces a container's own demand, not adds to it.
         let a2 = Demand {
             vcpus: 3,
@@ -243,7 +254,7 @@ mod tests {
         assert_eq!(
             s.target_with(&id("a"), a2).unwrap(),
             VmSize {
-                vcpus: 4,
+                vcpus: 3,
                 memory_mib: 640
             }
         );
@@ -252,7 +263,7 @@ mod tests {
             .target_with(
                 &id("c"),
                 Demand {
-                    vcpus: 2,
+                    vcpus: 3,
                     memory_mib: 0,
                 },
             )
@@ -300,7 +311,7 @@ mod tests {
         assert_eq!(
             s.target_with(&id("a"), a).unwrap(),
             VmSize {
-                vcpus: 3,
+                vcpus: 2,
                 memory_mib: 512
             }
         );
@@ -315,7 +326,7 @@ mod tests {
             )
             .unwrap(),
             VmSize {
-                vcpus: 3,
+                vcpus: 2,
                 memory_mib: 512
             }
         );

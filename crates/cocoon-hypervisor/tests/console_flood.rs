@@ -110,11 +110,20 @@ async fn a_console_flood_is_capped_and_qemu_stays_responsive() {
         }
         .await;
         if let Err(e) = probe {
-            // The guest may have powered off between try_wait and the probe.
+            // The guest may have powered off between try_wait and the
+            // probe: QEMU closes QMP as it begins to exit, a moment before
+            // it has exited.
+            let exiting = Instant::now();
+            while vm.try_wait().is_none() && exiting.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             if vm.try_wait().is_some() {
                 break;
             }
-            panic!("QMP during the flood: {e}");
+            panic!(
+                "QMP during the flood: {e:#}; console:\n{}",
+                vm.console_tail(5)
+            );
         }
         slowest = slowest.max(t.elapsed());
         probes += 1;

@@ -29,6 +29,8 @@ use network::Network;
 use sizing::{Demand, Sizing};
 
 pub use container::{Container, ProcessExit};
+/// The host's mount points, unescaped (`/proc/self/mountinfo`).
+pub use rundir::mountinfo::mount_points;
 pub use rundir::{cleanup_dead, owned_processes, sandbox_id_of, Access, RunDir, ShareName};
 
 /// Why a sandbox operation failed.

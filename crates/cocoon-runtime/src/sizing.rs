@@ -189,6 +189,14 @@ mod tests {
 
     const MIB: i64 = 1 << 20;
 
+    fn size(vcpus: u32, memory_mib: u64) -> VmSize {
+        VmSize { vcpus, memory_mib }
+    }
+
+    fn demand(vcpus: u32, memory_mib: u64) -> Demand {
+        Demand { vcpus, memory_mib }
+    }
+
     #[test]
     fn demands_as_kata_computes_them() {
         let d = |q, p, m| Demand::of(Some(&res(q, p, m)));
@@ -211,35 +219,17 @@ mod tests {
 
     #[test]
     fn target_is_the_containers_limits_up_to_the_ceiling() {
-        let base = VmSize {
-            vcpus: 1,
-            memory_mib: 512,
-        };
-        let max = VmSize {
-            vcpus: 4,
-            memory_mib: 4096,
-        };
+        let base = size(1, 512);
+        let max = size(4, 4096);
         let mut s = Sizing::new(base, max);
         assert_eq!(s.target(), base);
-        let a = Demand {
-            vcpus: 2,
-            memory_mib: 1024,
-        };
+        let a = demand(2, 1024);
         // vCPUs: the limits (at least the flavour's); memory: the flavour's
         // plus the limits.
-        assert_eq!(
-            s.target_with(&id("a"), a).unwrap(),
-            VmSize {
-                vcpus: 2,
-                memory_mib: 1536
-            }
-        );
+        assert_eq!(s.target_with(&id("a"), a).unwrap(), size(2, 1536));
         s.set(&id("a"), a);
         // A second container adds to the first.
-        let b = Demand {
-            vcpus: 2,
-            memory_mib: 2560,
-        };
+        let b = demand(2, 2560);
         assert_eq!(s.target_with(&id("b"), b).unwrap(), max);
         // One without limits needs nothing more.
         assert_eq!(
@@ -247,42 +237,17 @@ mod tests {
             s.target()
         );
         // An update replaces a container's own demand, not adds to it.
-        let a2 = Demand {
-            vcpus: 3,
-            memory_mib: 128,
-        };
-        assert_eq!(
-            s.target_with(&id("a"), a2).unwrap(),
-            VmSize {
-                vcpus: 3,
-                memory_mib: 640
-            }
-        );
+        let a2 = demand(3, 128);
+        assert_eq!(s.target_with(&id("a"), a2).unwrap(), size(3, 640));
         // Past the ceiling: the container and the ceiling are named.
-        let err = s
-            .target_with(
-                &id("c"),
-                Demand {
-                    vcpus: 3,
-                    memory_mib: 0,
-                },
-            )
-            .unwrap_err();
+        let err = s.target_with(&id("c"), demand(3, 0)).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
         let msg = err.to_string();
         assert!(
             msg.contains("container c") && msg.contains("max_vcpus is 4"),
             "{msg}"
         );
-        let err = s
-            .target_with(
-                &id("c"),
-                Demand {
-                    vcpus: 0,
-                    memory_mib: 3072,
-                },
-            )
-            .unwrap_err();
+        let err = s.target_with(&id("c"), demand(0, 3072)).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("container c") && msg.contains("allows 4096 MiB"),
@@ -295,49 +260,18 @@ mod tests {
     #[test]
     fn memory_that_cannot_grow_is_not_summed() {
         // microvm: CPUs grow (onlined), memory is the VM's size.
-        let base = VmSize {
-            vcpus: 1,
-            memory_mib: 512,
-        };
-        let max = VmSize {
-            vcpus: 4,
-            memory_mib: 512,
-        };
+        let base = size(1, 512);
+        let max = size(4, 512);
         let mut s = Sizing::new(base, max);
-        let a = Demand {
-            vcpus: 2,
-            memory_mib: 384,
-        };
-        assert_eq!(
-            s.target_with(&id("a"), a).unwrap(),
-            VmSize {
-                vcpus: 2,
-                memory_mib: 512
-            }
-        );
+        let a = demand(2, 384);
+        assert_eq!(s.target_with(&id("a"), a).unwrap(), size(2, 512));
         s.set(&id("a"), a);
         assert_eq!(
-            s.target_with(
-                &id("b"),
-                Demand {
-                    vcpus: 0,
-                    memory_mib: 512
-                }
-            )
-            .unwrap(),
-            VmSize {
-                vcpus: 2,
-                memory_mib: 512
-            }
+            s.target_with(&id("b"), demand(0, 512)).unwrap(),
+            size(2, 512)
         );
         let msg = s
-            .target_with(
-                &id("b"),
-                Demand {
-                    vcpus: 0,
-                    memory_mib: 640,
-                },
-            )
+            .target_with(&id("b"), demand(0, 640))
             .unwrap_err()
             .to_string();
         assert!(

@@ -10,25 +10,8 @@ use std::time::Instant;
 use cocoon_runtime::cgroup::CgroupPath;
 use cocoon_runtime::{Sandbox, SandboxOptions};
 
-/// Every cgroup hierarchy mounted at its root: (mount point, is cpuset).
-fn hierarchies() -> Vec<(PathBuf, bool)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mut seen = Vec::new();
-    let mut out = Vec::new();
-    for l in text.lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let fstype = f[sep + 1];
-        if !(fstype == "cgroup" || fstype == "cgroup2") || f[3] != "/" || seen.contains(&f[2]) {
-            continue;
-        }
-        seen.push(f[2]);
-        let cpuset = fstype == "cgroup" && f[sep + 3].split(',').any(|o| o == "cpuset");
-        out.push((PathBuf::from(f[4]), cpuset));
-    }
-    out
+fn hierarchies() -> Vec<cocoon_runtime::cgroup::Hierarchy> {
+    cocoon_runtime::cgroup::hierarchies().expect("/proc/self/mountinfo")
 }
 
 /// A parent cgroup made by the test in every hierarchy (as the kubelet
@@ -41,12 +24,12 @@ struct Parent {
 impl Parent {
     fn new(name: &str) -> Self {
         let mut dirs = Vec::new();
-        for (mount, cpuset) in hierarchies() {
-            let dir = mount.join(name);
+        for h in hierarchies() {
+            let dir = h.mount.join(name);
             std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-            if cpuset {
+            if !h.v2 && h.has("cpuset") {
                 for f in ["cpuset.cpus", "cpuset.mems"] {
-                    let v = std::fs::read_to_string(mount.join(f)).unwrap();
+                    let v = std::fs::read_to_string(h.mount.join(f)).unwrap();
                     std::fs::write(dir.join(f), v.trim()).unwrap();
                 }
             }
@@ -122,8 +105,7 @@ async fn vm_runs_in_the_pod_cgroup_and_cleanup_removes_only_what_cocoon_made() {
         .arg("1000")
         .spawn()
         .unwrap();
-    let (mount, _) = &hierarchies()[0];
-    let leaf = mount.join(want.trim_start_matches('/'));
+    let leaf = hierarchies()[0].mount.join(want.trim_start_matches('/'));
     std::fs::write(leaf.join("cgroup.procs"), stray.id().to_string()).unwrap();
 
     // The owner dies without stopping anything (a killed shim): the

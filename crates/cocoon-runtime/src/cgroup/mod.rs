@@ -82,19 +82,40 @@ pub enum Error {
 
 /// A mounted cgroup hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Hierarchy {
+pub struct Hierarchy {
     /// Where its root is mounted.
-    mount: PathBuf,
-    v2: bool,
+    pub mount: PathBuf,
+    pub v2: bool,
+    /// Its super options (a v1 hierarchy names its controllers there).
+    options: Vec<String>,
+}
+
+impl Hierarchy {
+    /// Whether `controller` is in this hierarchy: a v1 mount option, or on
+    /// v2 one the root enables for its children (`cgroup.subtree_control`).
+    pub fn has(&self, controller: &str) -> bool {
+        if self.v2 {
+            std::fs::read_to_string(self.mount.join("cgroup.subtree_control"))
+                .is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
+        } else {
+            self.options.iter().any(|o| o == controller)
+        }
+    }
+
     /// A v1 hierarchy with the cpuset controller.
-    cpuset: bool,
+    fn cpuset(&self) -> bool {
+        !self.v2 && self.has("cpuset")
+    }
+
     /// Mounted with `noprefix`: `cpus`, not `cpuset.cpus`.
-    noprefix: bool,
+    fn noprefix(&self) -> bool {
+        self.options.iter().any(|o| o == "noprefix")
+    }
 }
 
 /// The host's cgroup hierarchies: each cgroup file system mounted at its
 /// root, once (several mounts of one hierarchy share a device number).
-fn hierarchies() -> io::Result<Vec<Hierarchy>> {
+pub fn hierarchies() -> io::Result<Vec<Hierarchy>> {
     Ok(from_mounts(mountinfo::entries()?))
 }
 
@@ -114,12 +135,10 @@ fn from_mounts(entries: Vec<mountinfo::Entry>) -> Vec<Hierarchy> {
             continue;
         }
         seen.push(e.dev);
-        let opts: Vec<&str> = e.super_options.split(',').collect();
         out.push(Hierarchy {
             mount: e.point,
             v2,
-            cpuset: !v2 && opts.contains(&"cpuset"),
-            noprefix: opts.contains(&"noprefix"),
+            options: e.super_options.split(',').map(str::to_string).collect(),
         });
     }
     out
@@ -246,8 +265,8 @@ impl HostCgroup {
                 Cross::NoMounts,
             )
             .map_err(err("open", &shown))?;
-            if made && h.cpuset {
-                inherit_cpuset(dir.as_fd(), child.as_fd(), h.noprefix)
+            if made && h.cpuset() {
+                inherit_cpuset(dir.as_fd(), child.as_fd(), h.noprefix())
                     .map_err(err("copy cpuset.cpus and cpuset.mems into", &shown))?;
             }
             if made && h.v2 && !leaf {
@@ -563,10 +582,10 @@ mod tests {
                 "/mnt/cs"
             ]
         );
-        assert!(h[0].cpuset && !h[0].v2 && !h[0].noprefix);
-        assert!(!h[1].cpuset);
-        assert!(h[3].v2 && !h[3].cpuset);
-        assert!(h[4].cpuset && h[4].noprefix);
+        assert!(h[0].cpuset() && !h[0].v2 && !h[0].noprefix());
+        assert!(!h[1].cpuset());
+        assert!(h[3].v2 && !h[3].cpuset());
+        assert!(h[4].cpuset() && h[4].noprefix());
     }
 
     #[test]

@@ -15,53 +15,9 @@ use crate::harness::*;
 /// The memory limit the test puts on the parent.
 const PARENT_LIMIT: u64 = 1 << 30;
 
-/// A mounted cgroup hierarchy.
-#[derive(Debug, Clone)]
-struct Hierarchy {
-    mount: PathBuf,
-    v2: bool,
-    controllers: Vec<String>,
-}
-
-impl Hierarchy {
-    fn has(&self, c: &str) -> bool {
-        self.controllers.iter().any(|x| x == c)
-    }
-}
-
 /// Every cgroup hierarchy mounted at its root, once.
-fn hierarchies() -> Vec<Hierarchy> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mut seen = Vec::new();
-    let mut out = Vec::new();
-    for l in text.lines() {
-        let f: Vec<&str> = l.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let fstype = f[sep + 1];
-        if !(fstype == "cgroup" || fstype == "cgroup2") || f[3] != "/" || seen.contains(&f[2]) {
-            continue;
-        }
-        seen.push(f[2]);
-        let v2 = fstype == "cgroup2";
-        let mount = PathBuf::from(f[4]);
-        let controllers = if v2 {
-            std::fs::read_to_string(mount.join("cgroup.subtree_control"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(str::to_string)
-                .collect()
-        } else {
-            f[sep + 3].split(',').map(str::to_string).collect()
-        };
-        out.push(Hierarchy {
-            mount,
-            v2,
-            controllers,
-        });
-    }
-    out
+fn hierarchies() -> Vec<cocoon_runtime::cgroup::Hierarchy> {
+    cocoon_runtime::cgroup::hierarchies().expect("/proc/self/mountinfo")
 }
 
 /// A pod's parent cgroup, made by the test in every hierarchy with a
@@ -216,9 +172,7 @@ fn gone_within(dirs: &[PathBuf]) -> Vec<PathBuf> {
 #[test]
 #[ignore = "needs containerd with CRI and boots VMs: run by scripts/test.sh"]
 fn pod_vm_and_daemons_run_in_the_pods_host_cgroup() {
-    let Some(cri) = cri_or_skip("pod_vm_and_daemons_run_in_the_pods_host_cgroup") else {
-        return;
-    };
+    let cri = cri_or_skip!("pod_vm_and_daemons_run_in_the_pods_host_cgroup");
     let parent = Parent::new("podcg");
     let pod = cri
         .run_pod(&handler(), pod_under("cgpod", &parent))
@@ -364,9 +318,7 @@ fn pod_vm_and_daemons_run_in_the_pods_host_cgroup() {
 #[test]
 #[ignore = "needs containerd with CRI and boots VMs: run by scripts/test.sh"]
 fn killed_shims_pod_cgroup_is_removed() {
-    let Some(cri) = cri_or_skip("killed_shims_pod_cgroup_is_removed") else {
-        return;
-    };
+    let cri = cri_or_skip!("killed_shims_pod_cgroup_is_removed");
     let parent = Parent::new("shimkill");
     let pod = cri
         .run_pod(&handler(), pod_under("cgkill", &parent))
@@ -416,9 +368,7 @@ fn killed_shims_pod_cgroup_is_removed() {
 #[test]
 #[ignore = "needs containerd with CRI and boots VMs: run by scripts/test.sh"]
 fn parent_limit_below_what_the_guest_touches_kills_the_vm() {
-    let Some(cri) = cri_or_skip("parent_limit_below_what_the_guest_touches_kills_the_vm") else {
-        return;
-    };
+    let cri = cri_or_skip!("parent_limit_below_what_the_guest_touches_kills_the_vm");
     let parent = Parent::new("oom");
     let memory = hierarchies()
         .into_iter()

@@ -7,9 +7,7 @@
 //! `COCOON_CRI_HANDLER=runc` runs the feature tests on runc instead, which
 //! tells a harness problem from a runtime one.
 
-mod cgroups;
 mod harness;
-mod sizing;
 mod stream;
 
 use std::io::{Read, Write};
@@ -40,7 +38,10 @@ macro_rules! cri_alone_or_skip {
     };
 }
 
+// The test modules, after the macros they use.
+mod cgroups;
 mod overhead;
+mod sizing;
 mod volumes;
 
 const SLEEPER: &[&str] = &["sleep", "100000"];

@@ -98,9 +98,7 @@ fn cpu_range(n: u32) -> String {
 #[test]
 #[ignore = "needs containerd with CRI and boots VMs: run by scripts/test.sh"]
 fn q35_vm_grows_with_its_containers_limits() {
-    let Some(cri) = cri_or_skip("q35_vm_grows_with_its_containers_limits") else {
-        return;
-    };
+    let cri = cri_or_skip!("q35_vm_grows_with_its_containers_limits");
     let f = flavour(&cri, "q35");
     assert!(
         f.vcpus == 1 && f.max_vcpus >= 4 && f.max_memory_mib >= f.memory_mib + 2560,
@@ -207,9 +205,7 @@ fn q35_vm_grows_with_its_containers_limits() {
 #[test]
 #[ignore = "needs containerd with CRI and boots VMs: run by scripts/test.sh"]
 fn microvm_grows_cpus_not_memory() {
-    let Some(cri) = cri_or_skip("microvm_grows_cpus_not_memory") else {
-        return;
-    };
+    let cri = cri_or_skip!("microvm_grows_cpus_not_memory");
     let f = flavour(&cri, "microvm");
     assert!(
         f.vcpus == 1 && f.max_vcpus >= 3 && f.max_memory_mib == f.memory_mib,

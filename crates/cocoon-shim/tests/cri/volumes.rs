@@ -266,12 +266,10 @@ impl Drop for HostMount {
 }
 
 fn is_mount_point(p: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let p = p.to_str().unwrap().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+    cocoon_runtime::mount_points()
+        .expect("/proc/self/mountinfo")
+        .iter()
+        .any(|m| m == p)
 }
 
 /// `rprivate`, `rslave` (HostToContainer) and `rshared` (Bidirectional)

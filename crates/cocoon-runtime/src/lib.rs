@@ -503,8 +503,10 @@ impl Sandbox {
     }
 
     /// Plugs what `target` needs beyond what is plugged, then has the
-    /// guest online `target`'s vCPUs (offlining any beyond) and all the
-    /// plugged memory, within [`ONLINE_TIMEOUT`].
+    /// guest online `target`'s vCPUs (offlining any beyond) and `target`'s
+    /// memory (a DIMM larger than the step stays partly offline, so the
+    /// guest does not outgrow the pod's host cgroup), within
+    /// [`ONLINE_TIMEOUT`].
     async fn resize_to(&mut self, target: VmSize) -> Result<(), cocoon_protocols::Error> {
         use cocoon_protocols::Error as P;
         let before = self.vm.size();
@@ -518,7 +520,11 @@ impl Sandbox {
         })?;
         let want = VmSize {
             vcpus: target.vcpus,
-            memory_mib: plugged.memory_mib,
+            // Memory once online stays online (it is never unplugged).
+            memory_mib: target
+                .memory_mib
+                .min(plugged.memory_mib)
+                .max(self.online.memory_mib),
         };
         if want == self.online {
             return Ok(());
@@ -589,10 +595,13 @@ impl Sandbox {
         terminal: bool,
     ) -> Result<Container, cocoon_protocols::Error> {
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-        self.resize_for(id, resources.as_ref()).await?;
-        let shared = self.share_container(id, &mut spec, rootfs);
-        let created = match shared {
-            Ok(()) => self.channel().create_container(id, &spec, terminal).await,
+        // Shared first: a spec that cannot be served (a bind source that
+        // is not there) must not grow the VM, whose memory is not given back.
+        let created = match self.share_container(id, &mut spec, rootfs) {
+            Ok(()) => match self.resize_for(id, resources.as_ref()).await {
+                Ok(()) => self.channel().create_container(id, &spec, terminal).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if created.is_err() {

@@ -280,33 +280,26 @@ impl RunDir {
                 "not a plain process name",
             )));
         }
-        safe_fs::create_private_file(self.dir.as_fd(), os(&file), false)
-            .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
-            .map_err(err)
+        self.record(&file, pid.to_string().as_bytes(), "record pid in")
     }
 
     /// Records what the pod network's teardown undoes (see
     /// [`crate::network::Network::record`]), for [`cleanup_dead`].
     pub fn record_network(&self, record: &[u8]) -> Result<()> {
-        safe_fs::create_private_file(self.dir.as_fd(), os(NETWORK_RECORD), false)
-            .and_then(|mut f| f.write_all(record))
-            .map_err(host(
-                &self.id,
-                "record the network in",
-                &self.path.join(NETWORK_RECORD),
-            ))
+        self.record(NETWORK_RECORD, record, "record the network in")
     }
 
     /// Records which host cgroup directories were created for the pod
     /// ([`crate::cgroup::HostCgroup::record`]), for [`cleanup_dead`].
     pub fn record_cgroup(&self, record: &[u8]) -> Result<()> {
-        safe_fs::create_private_file(self.dir.as_fd(), os(CGROUP_RECORD), false)
-            .and_then(|mut f| f.write_all(record))
-            .map_err(host(
-                &self.id,
-                "record the cgroup in",
-                &self.path.join(CGROUP_RECORD),
-            ))
+        self.record(CGROUP_RECORD, record, "record the cgroup in")
+    }
+
+    /// Writes `bytes` to the new private file `name` of the directory.
+    fn record(&self, name: &str, bytes: &[u8], action: &'static str) -> Result<()> {
+        safe_fs::create_private_file(self.dir.as_fd(), os(name), false)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(host(&self.id, action, &self.path.join(name)))
     }
 
     /// Shares host path `source` (a file or a directory, and everything

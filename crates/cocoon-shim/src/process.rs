@@ -117,11 +117,18 @@ impl Service {
         }
         let parsed: oci_spec::runtime::LinuxResources = serde_json::from_slice(&res.value)
             .map_err(|e| Error::InvalidArgument(format!("update of task {id}: {e}")))?;
+        // A VM that has exited has no task to update (nor an agent that
+        // would answer within the deadline).
+        if self.vm_dead() {
+            return Err(Error::NotFound(format!(
+                "update of task {id}: its pod VM has exited"
+            )));
+        }
         // Through the pod: the VM may have to grow for the new limits.
         let mut guard = self.s.pod.lock().await;
-        let pod = guard
-            .as_mut()
-            .ok_or_else(|| Error::Unavailable("the pod VM is not running".into()))?;
+        let pod = guard.as_mut().ok_or_else(|| {
+            Error::Unavailable(format!("update of task {id}: the pod VM is not running"))
+        })?;
         pod.update_container(&id, &parsed).await
     }
 

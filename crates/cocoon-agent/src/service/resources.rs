@@ -82,24 +82,28 @@ impl Sysfs {
             .ok_or_else(|| Error::Internal(format!("{}: unreadable list {text:?}", path.display())))
     }
 
-    /// Whether CPU `n` is online (a CPU without an `online` file, cpu0,
-    /// cannot be offlined and is).
-    fn cpu_online(&self, n: u32) -> Result<bool> {
+    /// Whether CPU `n` is online; `None` while a hotplugged CPU has no
+    /// `online` file yet. (cpu0 has none at all: it cannot be offlined,
+    /// and is online.)
+    fn cpu_online(&self, n: u32) -> Result<Option<bool>> {
         let path = self.cpu.join(format!("cpu{n}/online"));
         match std::fs::read_to_string(&path) {
-            Ok(s) => Ok(s.trim() == "1"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Ok(s) => Ok(Some(s.trim() == "1")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((n == 0).then_some(true)),
             Err(e) => Err(Error::Internal(format!("read {}: {e}", path.display()))),
         }
     }
 
     /// Onlines the first `want` present CPUs and offlines the rest; the
-    /// number online after.
+    /// number online after (a CPU not ready yet is not counted: the
+    /// caller polls again).
     fn set_cpus(&self, present: &[u32], want: u32) -> Result<u32> {
         let mut online = 0;
         for (i, &n) in present.iter().enumerate() {
             let should = (i as u32) < want || n == 0;
-            let is = self.cpu_online(n)?;
+            let Some(is) = self.cpu_online(n)? else {
+                continue;
+            };
             if should != is {
                 write(
                     &self.cpu.join(format!("cpu{n}/online")),
@@ -118,35 +122,53 @@ impl Sysfs {
             .map_err(|_| Error::Internal(format!("{}: {text:?} is not hex", path.display())))
     }
 
-    /// Onlines every offline memory block; the MiB online after.
-    fn online_memory(&self, block: u64) -> Result<u64> {
+    /// Onlines offline memory blocks, lowest first, until `want_mib` are
+    /// online (what is plugged beyond stays offline: the host's cgroup
+    /// covers what the pod asked for, not the hotplug step); the MiB online
+    /// after.
+    fn online_memory(&self, block: u64, want_mib: u64) -> Result<u64> {
         let dir = std::fs::read_dir(&self.memory)
             .map_err(|e| Error::Internal(format!("read {}: {e}", self.memory.display())))?;
         let mut online = 0u64;
+        let mut offline = Vec::new();
         for e in dir.flatten() {
             let name = e.file_name();
-            let is_block = name
+            let Some(n) = name
                 .to_str()
                 .and_then(|n| n.strip_prefix("memory"))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            if !is_block {
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
                 continue;
-            }
+            };
             let state = e.path().join("state");
-            match read(&state)?.trim() {
-                "online" => online += 1,
-                "offline" => {
-                    write(&state, "online")?;
-                    online += 1;
+            // A block that has only just appeared may not have its
+            // `state` yet: the next poll sees it.
+            let now = match std::fs::read_to_string(&state) {
+                Ok(now) => now,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(Error::Internal(format!("read {}: {e}", state.display())));
                 }
+            };
+            match now.trim() {
+                "online" => online += 1,
+                "offline" => offline.push((n, state)),
                 // going-offline: not ours to touch.
                 _ => {}
             }
         }
+        offline.sort();
+        for (_, state) in offline {
+            if (online * block) >> 20 >= want_mib {
+                break;
+            }
+            write(&state, "online")?;
+            online += 1;
+        }
         Ok((online * block) >> 20)
     }
 
-    /// Onlines what the host plugged: waits up to `timeout` for `vcpus`
+    /// Onlines what the host asks for: waits up to `timeout` for `vcpus`
     /// CPUs to be present and `memory_mib` of memory blocks to be online.
     pub fn online(&self, vcpus: u32, memory_mib: u64, timeout: Duration) -> Result<Online> {
         let deadline = Instant::now() + timeout.min(MAX_WAIT);
@@ -158,7 +180,7 @@ impl Sysfs {
         loop {
             let present = self.present_cpus()?;
             let vcpus_online = self.set_cpus(&present, vcpus)?;
-            let memory_online = self.online_memory(block)?;
+            let memory_online = self.online_memory(block, want_mib)?;
             let done = vcpus_online >= vcpus && memory_online >= want_mib;
             if done {
                 return Ok(Online {
@@ -267,6 +289,17 @@ mod tests {
         let o = s.online(1, 0, Duration::from_secs(1)).unwrap();
         assert_eq!(o.vcpus, 1);
         assert_eq!((state(1), state(2)), ("0".into(), "0".into()));
+    }
+
+    #[test]
+    fn a_cpu_without_its_online_file_yet_is_not_counted() {
+        let (_d, s) = fake(3, 4, 4);
+        std::fs::remove_file(s.cpu.join("cpu2/online")).unwrap();
+        let err = s.online(3, 512, Duration::from_millis(50)).unwrap_err();
+        assert!(err.to_string().contains("2 of 3 vCPUs"), "{err}");
+        // It appears: the next call onlines it.
+        std::fs::write(s.cpu.join("cpu2/online"), "0\n").unwrap();
+        assert_eq!(s.online(3, 512, Duration::from_secs(1)).unwrap().vcpus, 3);
     }
 
     #[test]

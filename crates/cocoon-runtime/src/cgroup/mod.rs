@@ -39,7 +39,7 @@
 
 mod path;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -481,12 +481,8 @@ fn open_cgroup_root(mount: &Path) -> io::Result<OwnedFd> {
 }
 
 fn read_file(dir: BorrowedFd<'_>, name: &str) -> io::Result<String> {
-    let fd = open_beneath(dir, name, OFlag::O_RDONLY, Cross::NoMounts)?;
-    let mut s = String::new();
-    std::fs::File::from(fd)
-        .take(1 << 20)
-        .read_to_string(&mut s)?;
-    Ok(s)
+    let bytes = crate::rundir::safe_fs::read_small(dir, std::ffi::OsStr::new(name), 1 << 20)?;
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn write_file(dir: BorrowedFd<'_>, name: &str, value: &str) -> io::Result<()> {

@@ -7,7 +7,9 @@
 //! given its flags while still detached, and only then attached: so the
 //! copy that propagation makes under `shared/` is born with those flags
 //! (propagation copies a mount's flags, but a later remount does not
-//! propagate), read-only applies to every submount of a recursive bind,
+//! propagate), read-only applies to every submount of a recursive bind
+//! (those there when it is made: a mount the host makes later below an
+//! `rslave` or `rshared` share arrives with its own flags, as with runc),
 //! and the guest never sees a moment where a read-only share is writable.
 //! A private bind (`rprivate`, the default) leaves the source's peer
 //! group before it is attached, so it joins no propagation with the

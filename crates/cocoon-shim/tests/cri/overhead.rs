@@ -96,7 +96,8 @@ fn measure(cri: &Cri, handler: &str, settle: Duration, window: Duration) -> Samp
     let ticks = |procs: &[(u32, String)]| procs.iter().map(|(p, _)| cpu_ticks(*p)).sum::<u64>();
     let (t0, before) = (Instant::now(), ticks(&procs));
     std::thread::sleep(window);
-    let spent = ticks(&procs) - before;
+    // A process that exits in the window takes its ticks with it.
+    let spent = ticks(&procs).saturating_sub(before);
     let elapsed = t0.elapsed().as_secs_f64();
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()

@@ -124,14 +124,8 @@ fn host_path_volumes_read_write_read_only_files_and_symlinks() {
     // (On runc that remount wins: the container's mount is the only
     // read-only layer there.)
     if handler() != RUNC {
-        let remounted = cri
-            .exec_sync(
-                &c,
-                &sh("mount -o remount,rw,bind /ro && echo x > /ro/data"),
-                Duration::from_secs(30),
-            )
-            .expect("ExecSync");
-        assert_ne!(remounted.code, 0, "wrote a read-only volume: {remounted:?}");
+        ok(&cri, &c, "mount -o remount,rw,bind /ro");
+        read_only(&cri, &c, "echo x > /ro/data");
     }
     assert_eq!(fs::read_to_string(ro.join("data")).unwrap(), "ro-data");
     assert!(!ro.join("new").exists());
@@ -287,13 +281,13 @@ fn mount_propagation_private_host_to_container_and_bidirectional() {
     // for HostToContainer and Bidirectional.
     let root = HostMount::tmpfs(&scratch.path().join("volumes")).make_shared();
     let cases = [
-        ("private", MountPropagation::PropagationPrivate, false),
-        ("slave", MountPropagation::PropagationHostToContainer, true),
-        ("shared", MountPropagation::PropagationBidirectional, true),
+        ("private", MountPropagation::PropagationPrivate),
+        ("slave", MountPropagation::PropagationHostToContainer),
+        ("shared", MountPropagation::PropagationBidirectional),
     ];
     let mounts = cases
         .iter()
-        .map(|(name, propagation, _)| {
+        .map(|(name, propagation)| {
             let host = root.0.join(name);
             fs::create_dir(&host).unwrap();
             volume(&format!("/{name}"), &host, false, *propagation)
@@ -311,28 +305,27 @@ fn mount_propagation_private_host_to_container_and_bidirectional() {
 
     let later: Vec<_> = cases
         .iter()
-        .map(|(name, _, _)| {
+        .map(|(name, _)| {
             let m = HostMount::tmpfs(&root.0.join(name).join("later"));
             fs::write(m.0.join("file"), name).unwrap();
             m
         })
         .collect();
-    for (name, _, reaches) in cases.iter().filter(|c| c.2) {
+    for (name, _) in &cases[1..] {
         let path = format!("/{name}/later/file");
         let seen = exec_until(&cri, &c, &["cat", &path], Duration::from_secs(20), |e| {
             e.stdout == *name
         });
         assert_eq!(
-            (seen.stdout.as_str(), *reaches),
-            (*name, true),
+            seen.stdout, *name,
             "host mount not seen at {path}: {seen:?}"
         );
     }
     let private = cri
         .exec_sync(&c, &["cat", "/private/later/file"], Duration::from_secs(30))
         .expect("ExecSync");
-    assert_ne!(
-        private.code, 0,
+    assert!(
+        private.code != 0 && private.stderr.contains("No such file"),
         "rprivate volume received a mount: {private:?}"
     );
 

@@ -53,7 +53,7 @@ pub enum Error {
         console: String,
         daemons: String,
     },
-    #[error("sandbox {id}: the VM exited during boot ({status}); last console lines:\n{console}")]
+    #[error("sandbox {id}: the VM ended during boot: {status}; last console lines:\n{console}")]
     VmExited {
         id: String,
         status: String,
@@ -665,21 +665,34 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// Ends a VM that can no longer serve its pod (its VMM or a helper
+    /// daemon has exited: [`Vm::try_wait`]): whatever of it still runs is
+    /// stopped at once, without asking the guest. The host resources it
+    /// used (shares, network) stay until [`Sandbox::stop`].
+    pub async fn end_vm(&mut self) {
+        self.vm.shutdown(Duration::ZERO).await;
+    }
+
     /// Powers the guest off and releases every host resource.
     pub async fn stop(mut self) {
         // The agent flushes the guest's caches before it answers; after the
         // answer nothing in the guest is worth waiting for (a guest reboot
         // under TCG takes a second), so QEMU is told to quit right away.
-        // Without an answer, the guest gets a few seconds to power off.
-        let destroyed = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.agent
-                .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
-        )
-        .await;
-        let grace = match destroyed {
-            Ok(Ok(_)) => Duration::ZERO,
-            _ => Duration::from_secs(3),
+        // Without an answer, the guest gets a few seconds to power off. A
+        // VM that has ended is not asked.
+        let grace = if self.vm.try_wait().is_some() {
+            Duration::ZERO
+        } else {
+            let destroyed = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.agent
+                    .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
+            )
+            .await;
+            match destroyed {
+                Ok(Ok(_)) => Duration::ZERO,
+                _ => Duration::from_secs(3),
+            }
         };
         self.vm.shutdown(grace).await;
         release_cgroup(&self.id, self.cgroup.take()).await;

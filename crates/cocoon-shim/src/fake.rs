@@ -263,6 +263,7 @@ pub struct FakePod {
     stopped: Arc<Mutex<bool>>,
     shared: Arc<Mutex<BTreeSet<String>>>,
     dead: Arc<AtomicBool>,
+    ended: Arc<AtomicBool>,
     // Dropped with the pod, which ends the fake guest.
     _server: Mutex<ttrpc::r#async::Server>,
 }
@@ -308,6 +309,9 @@ impl PodHandle for FakePod {
             .load(Ordering::SeqCst)
             .then(|| "killed by the test".into())
     }
+    async fn end_vm(&mut self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
     async fn stop(self: Box<Self>) {
         *self.stopped.lock().unwrap() = true;
     }
@@ -323,6 +327,8 @@ pub struct FakeLauncher {
     pub shared: Arc<Mutex<BTreeSet<String>>>,
     /// Set to make the VM die.
     pub dead: Arc<AtomicBool>,
+    /// Set once what was left of a dead VM has been stopped.
+    pub ended: Arc<AtomicBool>,
     /// The guest accepts no stdio stream (never answers `OK`).
     pub silent_streams: bool,
     /// Feeds GetOomEvent.
@@ -401,6 +407,7 @@ impl Launcher for FakeLauncher {
             stopped: self.stopped.clone(),
             shared: self.shared.clone(),
             dead: self.dead.clone(),
+            ended: self.ended.clone(),
             _server: Mutex::new(server),
         }))
     }

@@ -39,8 +39,12 @@ pub trait PodHandle: Send + Sync {
     ) -> Result<()>;
     /// Removes a container from the guest and stops sharing its rootfs.
     async fn remove_container(&mut self, id: &Id);
-    /// `Some(status)` once the VM has died.
+    /// `Some(status)` once the VM has died: its VMM, or a helper daemon it
+    /// cannot serve without, has exited.
     fn try_wait(&mut self) -> Option<String>;
+    /// Ends a VM that has died: what still runs of it (a VMM whose daemon
+    /// died, the other daemons) is stopped now.
+    async fn end_vm(&mut self);
     /// Powers the VM off and releases everything.
     async fn stop(self: Box<Self>);
 }
@@ -114,6 +118,9 @@ impl PodHandle for Sandbox {
     }
     fn try_wait(&mut self) -> Option<String> {
         self.vm().try_wait()
+    }
+    async fn end_vm(&mut self) {
+        Sandbox::end_vm(self).await
     }
     async fn stop(self: Box<Self>) {
         Sandbox::stop(*self).await

@@ -205,6 +205,12 @@ pub struct SandboxOptions {
     /// The pod's host cgroup, which QEMU and its daemons join from their
     /// start ([`cgroup`]). `None`: they stay in the caller's.
     pub cgroup: Option<CgroupPath>,
+    /// A file outside the state directory (the shim's bundle) that the
+    /// start writes the sandbox's state directory path into as soon as
+    /// that directory is this sandbox's, before anything runs in it, and
+    /// removes if the start fails: an owner killed while the VM boots is
+    /// cleaned up from it ([`cleanup_dead`]) like one killed later.
+    pub pointer: Option<PathBuf>,
 }
 
 impl SandboxOptions {
@@ -231,7 +237,43 @@ impl SandboxOptions {
             })
             .and_then(|n| n.path().clone())
             .filter(|p| !p.as_os_str().is_empty());
-        Ok(Self { netns, cgroup })
+        Ok(Self {
+            netns,
+            cgroup,
+            pointer: None,
+        })
+    }
+}
+
+/// The state directory's path in [`SandboxOptions::pointer`]; removed on
+/// drop unless the sandbox started.
+struct Pointer(Option<PathBuf>);
+
+impl Pointer {
+    fn write(id: &Id, file: Option<&Path>, dir: &Path) -> Self {
+        let Some(file) = file else { return Self(None) };
+        match std::fs::write(file, dir.as_os_str().as_encoded_bytes()) {
+            Ok(()) => Self(Some(file.to_path_buf())),
+            Err(e) => {
+                // The sandbox runs all the same; only the clean-up after a
+                // dead owner will not find it.
+                tracing::warn!(sandbox = %id, "write {}: {e}", file.display());
+                Self(None)
+            }
+        }
+    }
+
+    /// The sandbox started: the file stays, for its owner's clean-up.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Pointer {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -293,6 +335,7 @@ impl Sandbox {
             cleanup_dead(&config.runtime.state_dir, id).await?;
         }
         let dir = RunDir::create(&config.runtime.state_dir, id)?;
+        let pointer = Pointer::write(id, options.pointer.as_deref(), dir.path());
         let mut network = match &options.netns {
             Some(netns) => {
                 let t = std::time::Instant::now();
@@ -428,6 +471,7 @@ impl Sandbox {
                 });
             }
         }
+        pointer.keep();
         Ok(sandbox)
     }
 

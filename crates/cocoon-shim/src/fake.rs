@@ -3,7 +3,7 @@
 //! event sink that records what the service publishes. No VM, no containerd.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -259,7 +259,8 @@ impl agent_ttrpc::Agent for FakeAgent {
 /// A pod whose guest is a [`FakeAgent`] behind a hybrid-vsock-style socket.
 pub struct FakePod {
     channel: Channel,
-    dir: tempfile::TempDir,
+    // Holds the fake guest's socket.
+    _dir: tempfile::TempDir,
     stopped: Arc<Mutex<bool>>,
     shared: Arc<Mutex<BTreeSet<String>>>,
     dead: Arc<AtomicBool>,
@@ -275,9 +276,6 @@ impl PodHandle for FakePod {
     }
     fn vmm_pid(&self) -> u32 {
         4242
-    }
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
     async fn create_container(
         &mut self,
@@ -403,7 +401,7 @@ impl Launcher for FakeLauncher {
         Ok(Box::new(FakePod {
             channel: Channel::new(sandbox_id, client, vsock)
                 .with_stream_timeout(std::time::Duration::from_millis(500)),
-            dir,
+            _dir: dir,
             stopped: self.stopped.clone(),
             shared: self.shared.clone(),
             dead: self.dead.clone(),

@@ -2,7 +2,7 @@
 //! bus, as traits: the real ones boot QEMU and publish to containerd; the
 //! fakes in tests run the service's state machine without either.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use async_trait::async_trait;
 use cocoon_protocols::Id;
@@ -19,8 +19,6 @@ pub trait PodHandle: Send + Sync {
     fn channel(&self) -> Channel;
     /// The host pid containerd sees as every task's pid.
     fn vmm_pid(&self) -> u32;
-    /// The pod's state directory (for `delete` after a shim died).
-    fn run_dir(&self) -> PathBuf;
     /// Creates a container whose root filesystem is host directory
     /// `rootfs`; on failure nothing of it is left in the pod.
     async fn create_container(
@@ -93,9 +91,6 @@ impl PodHandle for Sandbox {
     }
     fn vmm_pid(&self) -> u32 {
         Sandbox::vmm_pid(self)
-    }
-    fn run_dir(&self) -> PathBuf {
-        Sandbox::run_dir(self).to_path_buf()
     }
     async fn create_container(
         &mut self,

@@ -471,8 +471,15 @@ impl Drop for Ctrd {
             .unwrap_or_default()
             .lines()
             .any(|l| l.contains(&format!("{}/", self.dir.display())));
-        // Never a recursive removal across a mount point.
-        if !mounted {
+        // Never a recursive removal across a mount point. A failed test's
+        // directory is kept for its containerd.log (the shims log there).
+        if std::thread::panicking() {
+            say!(
+                "{}: kept {} (containerd.log)",
+                self.test,
+                self.dir.display()
+            );
+        } else if !mounted {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
         let msg = format!(

@@ -388,7 +388,7 @@ impl Ctrd {
 
     /// What pod `id` left on the host, waiting up to 10 s for it to go:
     /// a shim, VMM or daemon, a mount, its state directory, its bundle,
-    /// the shim's socket.
+    /// the shim's socket, its host cgroup.
     fn leftovers(&self, id: &str, shim_socket: Option<&Path>) -> Vec<String> {
         let state = format!("{}/{id}", self.state.display());
         let bundle = self.bundle(id).display().to_string();
@@ -426,6 +426,18 @@ impl Ctrd {
             {
                 if p.symlink_metadata().is_ok() {
                     left.push(format!("{}", p.display()));
+                }
+            }
+            // The pod's host cgroup (`ctr` names it /<namespace>/<id>), in
+            // every hierarchy.
+            for h in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let cg = h.path().join(NS).join(id);
+                if cg.is_dir() {
+                    left.push(format!("cgroup {}", cg.display()));
                 }
             }
             if left.is_empty() || Instant::now() > deadline {

@@ -11,13 +11,34 @@
 #     leases in DIR (the plugins come from /usr/lib/cni);
 #   - the offline images imported into `k8s.io`: the pause image (the
 #     `sandbox_image`) and busybox (docker.io/library/busybox:cocoon).
-#   scripts/containerd.sh start DIR   (prints the socket path)
+# With $COCOON_STATE_DIR set, the flavours keep their pods' state there
+# instead of /run/cocoon.
+#   scripts/containerd.sh start DIR     (prints the socket path)
+#   scripts/containerd.sh restart DIR   (containerd alone, same config; prints the socket path)
 #   scripts/containerd.sh stop DIR
+# `restart` stops containerd with SIGTERM (if it still runs) and starts it
+# again on the same root, state and sockets: its tasks keep running, and
+# the new containerd reconnects to their shims.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=$1
 dir=$(realpath -m "$2")
 pause_image=localhost/cocoon/pause:offline
+
+# containerd on DIR's config, in the background; waits until it answers.
+launch() {
+  # Tasks that name no flavour (`ctr run` without --runtime-config-path)
+  # get the q35 one, so they too boot the guest image under test.
+  COCOON_CONF_FILE="$dir/flavours/q35.toml" PATH="$PWD/target/release:$PATH" setsid containerd --config "$dir/config.toml" >> "$dir/containerd.log" 2>&1 < /dev/null &
+  echo $! > "$dir/containerd.pid"
+  c="ctr --address $dir/containerd.sock"
+  for _ in $(seq 100); do
+    [ -S "$dir/containerd.sock" ] && $c version > /dev/null 2>&1 && break
+    sleep 0.1
+  done
+  $c version > /dev/null
+}
+
 case "$cmd" in
 start)
   guest=${COCOON_GUEST_DIR:-/var/lib/cocoon/guest}
@@ -26,6 +47,10 @@ start)
   shim=$PWD/target/release/containerd-shim-cocoon-v2
   [ -x "$shim" ] || { echo "containerd.sh: $shim missing: cargo build --release" >&2; exit 1; }
   mkdir -p "$dir/root" "$dir/state" "$dir/flavours" "$dir/cni/net.d" "$dir/cni/ipam" "$dir/images"
+  runtime=
+  if [ -n "${COCOON_STATE_DIR:-}" ]; then
+    runtime=$(printf '\n[runtime]\nstate_dir = "%s"' "$COCOON_STATE_DIR")
+  fi
   for machine in q35 microvm; do
     # Room to grow for containers' limits: 4 vCPUs; 4 GiB on q35 (microvm
     # cannot hotplug memory: its ceiling is its size).
@@ -41,6 +66,7 @@ $ceilings
 
 [guest]
 dir = "$guest"
+$runtime
 TOML
   done
   # containerd's CRI adds the loopback network itself (from bin_dir).
@@ -99,20 +125,26 @@ state = "$dir/state"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon-microvm.options]
         ConfigPath = "$dir/flavours/microvm.toml"
 TOML
-  # Tasks that name no flavour (`ctr run` without --runtime-config-path)
-  # get the q35 one, so they too boot the guest image under test.
-  COCOON_CONF_FILE="$dir/flavours/q35.toml" PATH="$PWD/target/release:$PATH" setsid containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 < /dev/null &
-  echo $! > "$dir/containerd.pid"
-  c="ctr --address $dir/containerd.sock"
-  for _ in $(seq 100); do
-    [ -S "$dir/containerd.sock" ] && $c version > /dev/null 2>&1 && break
-    sleep 0.1
-  done
-  $c version > /dev/null
+: > "$dir/containerd.log"
+  launch
   bash scripts/pause-oci.sh "$dir/images/pause.tar" "$pause_image" > /dev/null
   bash scripts/busybox-oci.sh "$dir/images/busybox.tar" > /dev/null
   $c -n k8s.io images import "$dir/images/pause.tar" > /dev/null
   $c -n k8s.io images import "$dir/images/busybox.tar" > /dev/null
+  echo "$dir/containerd.sock"
+  ;;
+restart)
+  [ -f "$dir/config.toml" ] || { echo "containerd.sh: no $dir/config.toml: start it first" >&2; exit 1; }
+  if [ -f "$dir/containerd.pid" ]; then
+    pid=$(cat "$dir/containerd.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "containerd.sh: containerd $pid did not stop on SIGTERM" >&2
+      exit 1
+    fi
+  fi
+  launch
   echo "$dir/containerd.sock"
   ;;
 stop)
@@ -124,7 +156,9 @@ stop)
       for ns in $(ctr --address "$dir/containerd.sock" namespaces ls -q 2>/dev/null); do
         c="ctr --address $dir/containerd.sock -n $ns"
         for t in $($c tasks ls -q 2>/dev/null); do
-          $c tasks rm -f "$t" > /dev/null 2>&1 || true
+          # Bounded: a task that cannot be removed is left to the kill of its
+          # shim below.
+          timeout 60 $c tasks rm -f "$t" > /dev/null 2>&1 || true
         done
       done
     fi
@@ -133,6 +167,12 @@ stop)
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/containerd.pid"
   fi
+  # Shims of this containerd that outlived it (a task that could not be
+  # removed): killed, their VMs and daemons go with them.
+  for p in $(pgrep -f -- "-address $dir/containerd.sock( |$)" || true); do
+    echo "containerd.sh: killing shim $p left by containerd in $dir" >&2
+    kill -9 "$p" 2>/dev/null || true
+  done
   # What containerd mounted under DIR (snapshots, pod shm) and left.
   findmnt -rn -o TARGET | { grep "^$dir/" || true; } | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
@@ -143,5 +183,5 @@ stop)
     ip link del "$bridge" 2>/dev/null || true
   fi
   ;;
-*) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+*) echo "usage: $0 start|restart|stop DIR" >&2; exit 2 ;;
 esac

@@ -158,6 +158,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let options = SandboxOptions {
         netns: args.netns.clone(),
         cgroup: args.cgroup.clone(),
+        ..Default::default()
     };
     let hypervisor = cocoon_runtime::hypervisor(&loaded.config);
     let start = Sandbox::start_with(&id, &loaded.config, &options, hypervisor.as_ref());

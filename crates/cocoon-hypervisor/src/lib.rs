@@ -210,9 +210,12 @@ pub trait Vm: Send + Sync {
     async fn pause(&mut self) -> Result<()>;
     /// Resumes every vCPU.
     async fn resume(&mut self) -> Result<()>;
-    /// Waits until the VMM exits by itself (the guest powered off or died).
+    /// Waits until the VM ends by itself: the VMM exits (the guest powered
+    /// off or died), or a helper daemon it cannot run without does (the
+    /// guest has lost its share or its vsock; the VMM may run on, and
+    /// [`Vm::shutdown`] ends it). Says which, and how.
     async fn wait(&mut self) -> String;
-    /// `Some(status)` once the VMM has exited.
+    /// `Some(status)` once the VM has ended, as [`Vm::wait`] says.
     fn try_wait(&mut self) -> Option<String>;
     /// The last lines of the guest console, for error reports. Reads a
     /// bounded amount ([`TAIL_MAX_BYTES`]) whatever `lines` is; control

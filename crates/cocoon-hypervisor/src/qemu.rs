@@ -410,6 +410,20 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// How often [`Vm::wait`] looks at the helper daemons.
+const HELPER_POLL: Duration = Duration::from_millis(200);
+
+/// A helper daemon that has exited, said as the end of its VM: QEMU runs
+/// on without it, but its guest has lost its share or its vsock.
+fn helper_exited(d: &mut Daemon) -> Option<String> {
+    let status = d.try_exited()?;
+    let log = d.last_words(5);
+    Some(format!(
+        "{} exited ({status}); last log lines:\n{log}",
+        d.what
+    ))
+}
+
 /// A VM started by [`Qemu`].
 pub struct QemuVm {
     /// Boot size, plugged size, ceiling.
@@ -586,16 +600,34 @@ impl Vm for QemuVm {
     }
 
     async fn wait(&mut self) -> String {
-        match self.qemu.as_mut() {
-            Some(q) => q.wait().await,
-            None => "not started".into(),
+        let Some(q) = self.qemu.as_mut() else {
+            return "not started".into();
+        };
+        let helpers = &mut self.helpers;
+        // The daemons are reaped only by polling: none of them is waited
+        // on for long, and there are one or two.
+        let helper_died = async {
+            loop {
+                if let Some(ended) = helpers.iter_mut().find_map(helper_exited) {
+                    return ended;
+                }
+                tokio::time::sleep(HELPER_POLL).await;
+            }
+        };
+        tokio::select! {
+            status = q.wait() => format!("QEMU exited ({status})"),
+            ended = helper_died => ended,
         }
     }
 
     fn try_wait(&mut self) -> Option<String> {
-        self.qemu
-            .as_mut()
-            .map_or(Some("not started".into()), Daemon::try_exited)
+        let Some(q) = self.qemu.as_mut() else {
+            return Some("not started".into());
+        };
+        if let Some(status) = q.try_exited() {
+            return Some(format!("QEMU exited ({status})"));
+        }
+        self.helpers.iter_mut().find_map(helper_exited)
     }
 
     fn daemons_tail(&self, lines: usize) -> String {

@@ -55,7 +55,7 @@ pub enum Error {
         console: String,
         daemons: String,
     },
-    #[error("sandbox {id}: the VM exited during boot ({status}); last console lines:\n{console}")]
+    #[error("sandbox {id}: the VM ended during boot: {status}; last console lines:\n{console}")]
     VmExited {
         id: String,
         status: String,
@@ -207,6 +207,12 @@ pub struct SandboxOptions {
     /// The pod's host cgroup, which QEMU and its daemons join from their
     /// start ([`cgroup`]). `None`: they stay in the caller's.
     pub cgroup: Option<CgroupPath>,
+    /// A file outside the state directory (the shim's bundle) that the
+    /// start writes the sandbox's state directory path into as soon as
+    /// that directory is this sandbox's, before anything runs in it, and
+    /// removes if the start fails: an owner killed while the VM boots is
+    /// cleaned up from it ([`cleanup_dead`]) like one killed later.
+    pub pointer: Option<PathBuf>,
 }
 
 impl SandboxOptions {
@@ -233,7 +239,43 @@ impl SandboxOptions {
             })
             .and_then(|n| n.path().clone())
             .filter(|p| !p.as_os_str().is_empty());
-        Ok(Self { netns, cgroup })
+        Ok(Self {
+            netns,
+            cgroup,
+            pointer: None,
+        })
+    }
+}
+
+/// The state directory's path in [`SandboxOptions::pointer`]; removed on
+/// drop unless the sandbox started.
+struct Pointer(Option<PathBuf>);
+
+impl Pointer {
+    fn write(id: &Id, file: Option<&Path>, dir: &Path) -> Self {
+        let Some(file) = file else { return Self(None) };
+        match std::fs::write(file, dir.as_os_str().as_encoded_bytes()) {
+            Ok(()) => Self(Some(file.to_path_buf())),
+            Err(e) => {
+                // The sandbox runs all the same; only the clean-up after a
+                // dead owner will not find it.
+                tracing::warn!(sandbox = %id, "write {}: {e}", file.display());
+                Self(None)
+            }
+        }
+    }
+
+    /// The sandbox started: the file stays, for its owner's clean-up.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Pointer {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -295,6 +337,7 @@ impl Sandbox {
             cleanup_dead(&config.runtime.state_dir, id).await?;
         }
         let dir = RunDir::create(&config.runtime.state_dir, id)?;
+        let pointer = Pointer::write(id, options.pointer.as_deref(), dir.path());
         let mut network = match &options.netns {
             Some(netns) => {
                 let t = std::time::Instant::now();
@@ -430,6 +473,7 @@ impl Sandbox {
                 });
             }
         }
+        pointer.keep();
         Ok(sandbox)
     }
 
@@ -676,21 +720,34 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// Ends a VM that can no longer serve its pod (its VMM or a helper
+    /// daemon has exited: [`Vm::try_wait`]): whatever of it still runs is
+    /// stopped at once, without asking the guest. The host resources it
+    /// used (shares, network) stay until [`Sandbox::stop`].
+    pub async fn end_vm(&mut self) {
+        self.vm.shutdown(Duration::ZERO).await;
+    }
+
     /// Powers the guest off and releases every host resource.
     pub async fn stop(mut self) {
         // The agent flushes the guest's caches before it answers; after the
         // answer nothing in the guest is worth waiting for (a guest reboot
         // under TCG takes a second), so QEMU is told to quit right away.
-        // Without an answer, the guest gets a few seconds to power off.
-        let destroyed = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.agent
-                .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
-        )
-        .await;
-        let grace = match destroyed {
-            Ok(Ok(_)) => Duration::ZERO,
-            _ => Duration::from_secs(3),
+        // Without an answer, the guest gets a few seconds to power off. A
+        // VM that has ended is not asked.
+        let grace = if self.vm.try_wait().is_some() {
+            Duration::ZERO
+        } else {
+            let destroyed = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.agent
+                    .destroy_sandbox(ctx(Duration::from_secs(2)), &Empty::new()),
+            )
+            .await;
+            match destroyed {
+                Ok(Ok(_)) => Duration::ZERO,
+                _ => Duration::from_secs(3),
+            }
         };
         self.vm.shutdown(grace).await;
         release_cgroup(&self.id, self.cgroup.take()).await;

@@ -12,6 +12,11 @@ use crate::error::Result;
 use crate::service::{Service, EXIT_VM_DIED};
 use crate::table::{Exit, Stdio};
 
+/// How often, and how far apart, a waiter that lost the guest looks at
+/// the VM before it reports the process ended on its own.
+const VM_CHECKS: u32 = 10;
+const VM_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Stream copies of one process; aborted if the attach fails half-way.
 struct Copies(Vec<JoinHandle<()>>);
 
@@ -98,6 +103,17 @@ impl Service {
             Ok(w) => (w.status, w.at, w.oom_killed),
             Err(e) => {
                 tracing::warn!(container = %id, "{e}");
+                // The guest is out of reach: if that is because its VM
+                // ended (a daemon it needs died, and the connection with
+                // it), the pod ends as a whole first, and this exit with
+                // it. A daemon's pid is reaped a moment after its
+                // connections close.
+                for _ in 0..VM_CHECKS {
+                    if crate::monitor::check_vm(self).await {
+                        break;
+                    }
+                    tokio::time::sleep(VM_CHECK_INTERVAL).await;
+                }
                 (EXIT_VM_DIED, std::time::SystemTime::now(), false)
             }
         };

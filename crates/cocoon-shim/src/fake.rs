@@ -3,7 +3,7 @@
 //! event sink that records what the service publishes. No VM, no containerd.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -259,10 +259,12 @@ impl agent_ttrpc::Agent for FakeAgent {
 /// A pod whose guest is a [`FakeAgent`] behind a hybrid-vsock-style socket.
 pub struct FakePod {
     channel: Channel,
-    dir: tempfile::TempDir,
+    // Holds the fake guest's socket.
+    _dir: tempfile::TempDir,
     stopped: Arc<Mutex<bool>>,
     shared: Arc<Mutex<BTreeSet<String>>>,
     dead: Arc<AtomicBool>,
+    ended: Arc<AtomicBool>,
     // Dropped with the pod, which ends the fake guest.
     _server: Mutex<ttrpc::r#async::Server>,
 }
@@ -274,9 +276,6 @@ impl PodHandle for FakePod {
     }
     fn vmm_pid(&self) -> u32 {
         4242
-    }
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().to_path_buf()
     }
     async fn create_container(
         &mut self,
@@ -308,6 +307,9 @@ impl PodHandle for FakePod {
             .load(Ordering::SeqCst)
             .then(|| "killed by the test".into())
     }
+    async fn end_vm(&mut self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
     async fn stop(self: Box<Self>) {
         *self.stopped.lock().unwrap() = true;
     }
@@ -323,6 +325,8 @@ pub struct FakeLauncher {
     pub shared: Arc<Mutex<BTreeSet<String>>>,
     /// Set to make the VM die.
     pub dead: Arc<AtomicBool>,
+    /// Set once what was left of a dead VM has been stopped.
+    pub ended: Arc<AtomicBool>,
     /// The guest accepts no stdio stream (never answers `OK`).
     pub silent_streams: bool,
     /// Feeds GetOomEvent.
@@ -397,10 +401,11 @@ impl Launcher for FakeLauncher {
         Ok(Box::new(FakePod {
             channel: Channel::new(sandbox_id, client, vsock)
                 .with_stream_timeout(std::time::Duration::from_millis(500)),
-            dir,
+            _dir: dir,
             stopped: self.stopped.clone(),
             shared: self.shared.clone(),
             dead: self.dead.clone(),
+            ended: self.ended.clone(),
             _server: Mutex::new(server),
         }))
     }

@@ -25,7 +25,7 @@ mod task;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -42,6 +42,8 @@ struct CocoonShim {
     namespace: String,
     id: String,
     exit: Arc<ExitSignal>,
+    /// The socket the serving shim listens on (`-socket`).
+    socket: PathBuf,
 }
 
 /// The pod a bundle's container belongs to: its CRI sandbox, or itself.
@@ -70,6 +72,7 @@ impl Shim for CocoonShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             exit: Arc::new(ExitSignal::default()),
+            socket: PathBuf::from(args.socket.trim_start_matches("unix://")),
         }
     }
 
@@ -106,6 +109,12 @@ impl Shim for CocoonShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // By its own path: the library removes the socket named in the
+        // bundle's `address` file once the server is down, but by then
+        // containerd, answered, may have removed the bundle (seen after a
+        // containerd restart), and the socket would stay. Connections
+        // already made are not affected.
+        remove_socket(&self.socket);
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -150,8 +159,9 @@ fn init_logging(args: &Flags) {
 }
 
 /// The `delete` path: if the pod's shim is gone, kill its VM and daemons,
-/// undo its mounts and remove its state; if it still serves (a failed Create
-/// in a live pod), only this bundle's rootfs mount is undone. The pointer
+/// undo its mounts and remove its state and the shim's socket; if it still
+/// serves (a failed Create in a live pod), only this bundle's rootfs mount
+/// is undone. The pointer
 /// file is acted on only if it names `<state_dir>/<valid sandbox id>` of
 /// the configured state directory.
 async fn cleanup_dead_shim(bundle: &Path) {
@@ -163,21 +173,27 @@ async fn cleanup_dead_shim(bundle: &Path) {
             break;
         }
     }
+    let socket = std::fs::read_to_string(bundle.join("address"))
+        .ok()
+        .map(|a| PathBuf::from(a.trim().trim_start_matches("unix://")));
+    let alive = match &socket {
+        Some(path) => serving(path).await,
+        None => false,
+    };
     let pointer = bundle.join(service::SANDBOX_POINTER);
-    let Ok(run_dir) = std::fs::read_to_string(&pointer) else {
-        return;
-    };
+    let run_dir = std::fs::read_to_string(&pointer);
     let _ = std::fs::remove_file(&pointer);
-    let alive = match std::fs::read_to_string(bundle.join("address")) {
-        Ok(addr) => {
-            let path = addr.trim().trim_start_matches("unix://").to_string();
-            tokio::net::UnixStream::connect(path).await.is_ok()
-        }
-        Err(_) => false,
-    };
     if alive {
         return;
     }
+    // A shim that was killed leaves its socket behind (one that exits
+    // removes it).
+    if let Some(path) = &socket {
+        remove_dead_socket(path).await;
+    }
+    let Ok(run_dir) = run_dir else {
+        return;
+    };
     // The configured state directory; a flavour chosen by ConfigPath may
     // name another, so the pointer's own parent is tried next. Either way
     // cleanup_dead acts only on a directory that holds this sandbox's
@@ -203,6 +219,42 @@ async fn cleanup_dead_shim(bundle: &Path) {
     };
     if let Err(e) = cocoon_runtime::cleanup_dead(&state_dir, &id).await {
         tracing::warn!(sandbox = %id, "cleanup: {}", cocoon_runtime::error_chain(&e));
+    }
+}
+
+/// Whether a shim serves on `socket`.
+async fn serving(socket: &Path) -> bool {
+    tokio::net::UnixStream::connect(socket).await.is_ok()
+}
+
+/// Removes `path` if it is a socket.
+fn remove_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!("remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Removes the socket of a shim that died, if no shim serves on it: it is
+/// removed only if it is still the very socket found dead (a new shim of
+/// the same pod may bind the same path).
+async fn remove_dead_socket(socket: &Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let id = |m: std::fs::Metadata| m.file_type().is_socket().then(|| (m.dev(), m.ino()));
+    let Some(dead) = std::fs::symlink_metadata(socket).ok().and_then(id) else {
+        return;
+    };
+    if serving(socket).await {
+        return;
+    }
+    if std::fs::symlink_metadata(socket).ok().and_then(id) == Some(dead) {
+        match std::fs::remove_file(socket) {
+            Ok(()) => tracing::info!("removed the socket of a dead shim: {}", socket.display()),
+            Err(e) => tracing::warn!("remove {}: {e}", socket.display()),
+        }
     }
 }
 

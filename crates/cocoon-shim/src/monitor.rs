@@ -1,4 +1,5 @@
-//! Watching the pod: the VM's death (every process exits 255) and the
+//! Watching the pod: the VM's death (its VMM or a helper daemon exited:
+//! what is left of it is stopped, and every process exits 255) and the
 //! guest's OOM reports, which are accepted only for containers of the table.
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use containerd_shim::protos::topics::TASK_OOM_EVENT_TOPIC;
 use crate::service::{Service, EXIT_VM_DIED};
 use crate::table::Exit;
 
-/// How often the VM process is checked.
+/// How often the VM's processes are checked.
 const VM_POLL: Duration = Duration::from_millis(500);
 /// The pause after every OOM report: a guest that answers the long-poll at
 /// once, again and again, cannot spin the shim.
@@ -78,15 +79,30 @@ async fn oom_events(svc: Service, channel: Channel) {
 async fn watch_vm(svc: Service) {
     loop {
         tokio::time::sleep(VM_POLL).await;
-        let mut pod = svc.s.pod.lock().await;
-        let Some(p) = pod.as_mut() else { return };
-        if let Some(status) = p.try_wait() {
-            drop(pod);
-            tracing::error!(sandbox = %svc.sandbox(), "pod VM exited ({status}); every task exits with {EXIT_VM_DIED}");
-            vm_died(&svc).await;
+        if check_vm(&svc).await {
             return;
         }
     }
+}
+
+/// Whether the pod's VM has ended (or the pod was stopped). A VM that has
+/// ended ends the pod as a whole: what still runs of it is stopped (a VMM
+/// that lost its share or its vsock, or the daemons of a VMM that died),
+/// then every process exits with [`EXIT_VM_DIED`]. Called by the monitor,
+/// and by whoever finds the guest gone first.
+pub(crate) async fn check_vm(svc: &Service) -> bool {
+    let mut pod = svc.s.pod.lock().await;
+    let Some(p) = pod.as_mut() else { return true };
+    let Some(status) = p.try_wait() else {
+        return false;
+    };
+    if !svc.vm_dead() {
+        tracing::error!(sandbox = %svc.sandbox(), "pod VM ended: {status}; every task exits with {EXIT_VM_DIED}");
+    }
+    p.end_vm().await;
+    drop(pod);
+    vm_died(svc).await;
+    true
 }
 
 /// Ends every process (created ones too, so that every `Wait` returns;

@@ -2,7 +2,7 @@
 //! bus, as traits: the real ones boot QEMU and publish to containerd; the
 //! fakes in tests run the service's state machine without either.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use async_trait::async_trait;
 use cocoon_protocols::Id;
@@ -19,8 +19,6 @@ pub trait PodHandle: Send + Sync {
     fn channel(&self) -> Channel;
     /// The host pid containerd sees as every task's pid.
     fn vmm_pid(&self) -> u32;
-    /// The pod's state directory (for `delete` after a shim died).
-    fn run_dir(&self) -> PathBuf;
     /// Creates a container whose root filesystem is host directory
     /// `rootfs`; on failure nothing of it is left in the pod.
     async fn create_container(
@@ -39,8 +37,12 @@ pub trait PodHandle: Send + Sync {
     ) -> Result<()>;
     /// Removes a container from the guest and stops sharing its rootfs.
     async fn remove_container(&mut self, id: &Id);
-    /// `Some(status)` once the VM has died.
+    /// `Some(status)` once the VM has died: its VMM, or a helper daemon it
+    /// cannot serve without, has exited.
     fn try_wait(&mut self) -> Option<String>;
+    /// Ends a VM that has died: what still runs of it (a VMM whose daemon
+    /// died, the other daemons) is stopped now.
+    async fn end_vm(&mut self);
     /// Powers the VM off and releases everything.
     async fn stop(self: Box<Self>);
 }
@@ -90,9 +92,6 @@ impl PodHandle for Sandbox {
     fn vmm_pid(&self) -> u32 {
         Sandbox::vmm_pid(self)
     }
-    fn run_dir(&self) -> PathBuf {
-        Sandbox::run_dir(self).to_path_buf()
-    }
     async fn create_container(
         &mut self,
         id: &Id,
@@ -114,6 +113,9 @@ impl PodHandle for Sandbox {
     }
     fn try_wait(&mut self) -> Option<String> {
         self.vm().try_wait()
+    }
+    async fn end_vm(&mut self) {
+        Sandbox::end_vm(self).await
     }
     async fn stop(self: Box<Self>) {
         Sandbox::stop(*self).await

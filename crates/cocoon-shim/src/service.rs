@@ -209,8 +209,13 @@ impl Service {
             .and_then(|a| a.get(cocoon_protocols::cri::SANDBOX_ID).cloned())
             .unwrap_or_else(|| req.id.clone());
         let sandbox_id = Id::sandbox(&sandbox_id)?;
-        let options = cocoon_runtime::SandboxOptions::from_spec(spec)
-            .map_err(|e| Error::InvalidArgument(format!("task {}: {e}", req.id)))?;
+        let options = cocoon_runtime::SandboxOptions {
+            // Written as soon as the pod has a state directory: a shim
+            // killed while the VM boots is cleaned up by `delete` too.
+            pointer: Some(Path::new(&req.bundle).join(SANDBOX_POINTER)),
+            ..cocoon_runtime::SandboxOptions::from_spec(spec)
+                .map_err(|e| Error::InvalidArgument(format!("task {}: {e}", req.id)))?
+        };
         tracing::info!(
             sandbox = %sandbox_id,
             config = %loaded.source,
@@ -230,10 +235,6 @@ impl Service {
             dead: false,
         };
         *self.s.info.lock().unwrap() = Some(info.clone());
-        let _ = std::fs::write(
-            Path::new(&req.bundle).join(SANDBOX_POINTER),
-            sandbox.run_dir().as_os_str().as_encoded_bytes(),
-        );
         // Under the pod lock, so that a stop_pod (which takes it first)
         // finds the forwarder with the pod.
         if let Some(netns) = options.netns {

@@ -346,6 +346,8 @@ async fn a_vm_death_ends_created_and_running_tasks_with_255() {
         .await
         .expect("every Wait returns when the VM dies");
     assert_eq!((created, running), (255, 255));
+    // Nothing of the VM ran on once the tasks had ended.
+    assert!(e.launcher.ended.load(std::sync::atomic::Ordering::SeqCst));
     // containerd's CRI deletes an exited task with a SIGKILL to all its
     // processes first, and accepts only NotFound (or success): after the
     // VM, nothing is left to signal.

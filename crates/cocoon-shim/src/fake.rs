@@ -262,6 +262,7 @@ pub struct FakePod {
     // Holds the fake guest's socket.
     _dir: tempfile::TempDir,
     stopped: Arc<Mutex<bool>>,
+    stop_takes: std::time::Duration,
     shared: Arc<Mutex<BTreeSet<String>>>,
     dead: Arc<AtomicBool>,
     ended: Arc<AtomicBool>,
@@ -311,6 +312,7 @@ impl PodHandle for FakePod {
         self.ended.store(true, Ordering::SeqCst);
     }
     async fn stop(self: Box<Self>) {
+        tokio::time::sleep(self.stop_takes).await;
         *self.stopped.lock().unwrap() = true;
     }
 }
@@ -321,6 +323,8 @@ pub struct FakeLauncher {
     /// The options of each launch, in order.
     pub options: Mutex<Vec<cocoon_runtime::SandboxOptions>>,
     pub stopped: Arc<Mutex<bool>>,
+    /// How long stopping the pod VM takes.
+    pub stop_takes: std::time::Duration,
     /// Container ids whose rootfs the pod shares now.
     pub shared: Arc<Mutex<BTreeSet<String>>>,
     /// Set to make the VM die.
@@ -403,6 +407,7 @@ impl Launcher for FakeLauncher {
                 .with_stream_timeout(std::time::Duration::from_millis(500)),
             _dir: dir,
             stopped: self.stopped.clone(),
+            stop_takes: self.stop_takes,
             shared: self.shared.clone(),
             dead: self.dead.clone(),
             ended: self.ended.clone(),

@@ -250,6 +250,26 @@ impl Service {
         Ok(info)
     }
 
+    /// Runs `f` to completion on a task of its own, in the caller's span.
+    /// ttrpc drops a handler whose connection closes (containerd closes
+    /// it when its deadline passes, or when it restarts); a create, delete
+    /// or shutdown dropped half way would leave the table, the guest and
+    /// the host out of step, or a shim that never exits.
+    pub(crate) async fn to_completion<F, Fut>(&self, f: F) -> Fut::Output
+    where
+        F: FnOnce(Service) -> Fut,
+        Fut: std::future::Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        use tracing::Instrument;
+        match tokio::spawn(f(self.clone()).in_current_span()).await {
+            Ok(out) => out,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime itself shuts down.
+            Err(e) => panic!("shim task cancelled: {e}"),
+        }
+    }
+
     pub(crate) async fn stop_pod(&self) {
         // The pod lock first: an ensure_pod in flight has set both by then.
         let pod = self.s.pod.lock().await.take();

@@ -63,7 +63,8 @@ impl Task for Service {
     ) -> ttrpc::Result<api::CreateTaskResponse> {
         let r = async {
             let id = Id::container(&req.id)?;
-            self.create(id, req).await
+            self.to_completion(|s| async move { s.create(id, req).await })
+                .await
         };
         ok(r.await)
     }
@@ -76,7 +77,8 @@ impl Task for Service {
     ) -> ttrpc::Result<api::StartResponse> {
         let r = async {
             let (id, exec) = ids(&req.id, &req.exec_id)?;
-            self.start(id, exec).await
+            self.to_completion(|s| async move { s.start(id, exec).await })
+                .await
         };
         ok(r.await)
     }
@@ -89,7 +91,8 @@ impl Task for Service {
     ) -> ttrpc::Result<api::DeleteResponse> {
         let r = async {
             let (id, exec) = ids(&req.id, &req.exec_id)?;
-            self.delete(id, exec).await
+            self.to_completion(|s| async move { s.delete(id, exec).await })
+                .await
         };
         ok(r.await)
     }
@@ -132,7 +135,8 @@ impl Task for Service {
     async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<api::Empty> {
         let r = async {
             let (id, exec) = ids(&req.id, &req.exec_id)?;
-            self.kill(id, exec, req.signal, req.all).await
+            self.to_completion(|s| async move { s.kill(id, exec, req.signal, req.all).await })
+                .await
         };
         ok(r.await.map(|()| api::Empty::new()))
     }
@@ -146,7 +150,8 @@ impl Task for Service {
         let r = async {
             let id = Id::container(&req.id)?;
             let exec = Id::exec(&req.exec_id)?;
-            self.exec(id, exec, req).await
+            self.to_completion(|s| async move { s.exec(id, exec, req).await })
+                .await
         };
         ok(r.await.map(|()| api::Empty::new()))
     }
@@ -183,7 +188,8 @@ impl Task for Service {
     ) -> ttrpc::Result<api::Empty> {
         let r = async {
             let id = Id::container(&req.id)?;
-            self.update(id, req.resources.as_ref()).await
+            self.to_completion(|s| async move { s.update(id, req.resources.as_ref()).await })
+                .await
         };
         ok(r.await.map(|()| api::Empty::new()))
     }
@@ -245,8 +251,13 @@ impl Task for Service {
             return Ok(api::Empty::new());
         }
         tracing::info!("last task gone; stopping the pod VM");
-        self.stop_pod().await;
-        self.s.exit.signal();
+        // containerd gives up after 3 s, which stopping a VM on a loaded
+        // host can take; dropped half way, the shim would never exit.
+        self.to_completion(|s| async move {
+            s.stop_pod().await;
+            s.s.exit.signal();
+        })
+        .await;
         Ok(api::Empty::new())
     }
 }

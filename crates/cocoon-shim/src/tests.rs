@@ -174,6 +174,33 @@ async fn lifecycle_publishes_events_in_order_and_output_before_exit() {
         .expect("shim exit signalled");
 }
 
+/// containerd gives Shutdown 3 s, then closes the connection, and ttrpc
+/// drops the handler: the VM must still be stopped and the shim exit.
+#[tokio::test]
+async fn a_shutdown_abandoned_by_containerd_still_stops_the_pod_and_exits() {
+    let e = env_with(FakeLauncher {
+        stop_takes: Duration::from_millis(300),
+        ..Default::default()
+    });
+    e.create("c1", &["exit", "0"]).await.unwrap();
+    e.start("c1", "").await.unwrap();
+    assert_eq!(e.wait("c1", "").await, 0);
+    e.delete("c1").await.unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        Task::shutdown(&e.svc, &tctx(), api::ShutdownRequest::default()),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the stop outlives the caller's deadline"
+    );
+    tokio::time::timeout(Duration::from_secs(2), e.exit.wait())
+        .await
+        .expect("shim exit signalled after the caller gave up");
+    assert!(*e.launcher.stopped.lock().unwrap(), "the pod VM is stopped");
+}
+
 #[tokio::test]
 async fn one_vm_per_pod_and_shutdown_waits_for_the_last_task() {
     let e = env();

@@ -38,7 +38,10 @@ say "rust-vmm daemons (virtiofsd 1.14, vhost-device-vsock 0.3)"
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
 installed() { cargo install --list | grep -q "^$1 v$2:"; }
 installed virtiofsd 1.14.0 || cargo install --locked virtiofsd@1.14.0
-installed vhost-device-vsock 0.3.0 || cargo install --locked vhost-device-vsock@0.3.0
+# vhost-device-vsock 0.3.0 with two fixes: see third_party/vhost-device-vsock/COCOON.md.
+vsock_src="$PWD/third_party/vhost-device-vsock"
+cargo install --list | grep -qF "vhost-device-vsock v0.3.0 ($vsock_src):" ||
+  cargo install --locked --force --path "$vsock_src"
 for b in virtiofsd vhost-device-vsock; do install -m 0755 "$cargo_bin/$b" /usr/local/bin/$b; done
 
 say "Cocoon (cargo build --release)"

@@ -382,8 +382,13 @@ impl VhostUserVsockThread {
                 self.thread_backend.listener_map.entry(fd)
             {
                 // New connection from the host
-                if evset.bits() != epoll::Events::EPOLLIN.bits() {
-                    // Has to be EPOLLIN as it was not connected previously
+                if !evset.contains(epoll::Events::EPOLLIN) {
+                    // Hung up (or failed) before sending its "CONNECT PORT\n"
+                    // line. Dropping the stream closes it, which also takes
+                    // it out of the epoll; merely returning left it there,
+                    // and the level-triggered epoll reported it again at
+                    // once, for ever, keeping this thread busy.
+                    self.thread_backend.stream_map.remove(&fd);
                     return;
                 }
                 let mut stream = match self.thread_backend.stream_map.remove(&fd) {

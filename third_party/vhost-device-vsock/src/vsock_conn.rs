@@ -6,7 +6,7 @@ use std::{
     os::unix::prelude::{AsRawFd, RawFd},
 };
 
-use log::{error, info};
+use log::{error, info, warn};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::{bitmap::BitmapSlice, ReadVolatile, VolatileSlice, WriteVolatile};
 
@@ -233,9 +233,19 @@ impl<S: AsRawFd + ReadVolatile + Write + WriteVolatile + IsHybridVsock> VsockCon
             VSOCK_OP_RESPONSE => {
                 if self.stream.is_hybrid_vsock() {
                     // Confirmation for a host initiated connection
-                    // TODO: Handle stream write error in a better manner
                     let response = format!("OK {}\n", self.peer_port);
-                    self.stream.write_all(response.as_bytes()).unwrap();
+                    if let Err(err) = self.stream.write_all(response.as_bytes()) {
+                        // The host-side peer went away before the guest
+                        // answered (it gave up waiting, or died). Reset the
+                        // guest side; unwrapping here took the whole worker
+                        // thread down, and with it every connection of the VM.
+                        warn!(
+                            "vsock: host peer of lp={} pp={} gone before the guest's response: {err}",
+                            self.local_port, self.peer_port
+                        );
+                        self.rx_queue.enqueue(RxOps::Reset);
+                        return Ok(());
+                    }
                 }
                 self.connect = true;
             }

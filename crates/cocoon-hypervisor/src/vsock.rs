@@ -4,6 +4,12 @@
 //! A connect is a call into the guest (or into a backend the guest can keep
 //! busy), so it has a deadline, and the hybrid handshake's answer is read
 //! with a bounded length.
+//!
+//! A hybrid handshake the caller stops waiting for is not closed before the
+//! backend answers: vhost-device-vsock 0.3 panics when the guest's answer
+//! arrives for a connection the host already closed (its `OK <port>` write
+//! fails with EPIPE), and its worker thread, which serves every connection
+//! of the VM, dies with it; later connects are accepted and never answered.
 
 use std::io;
 use std::path::PathBuf;
@@ -18,6 +24,11 @@ use tokio::net::UnixStream;
 
 /// The deadline of [`VsockConnector::connect`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a hybrid handshake its caller gave up on is still waited for
+/// (in a task of its own) before its stream is closed. An answer later than
+/// this still reaches a closed stream.
+const LINGER: Duration = Duration::from_secs(120);
 
 /// The longest hybrid vsock answer we read (`OK <u32>\n` is at most 14
 /// bytes).
@@ -46,39 +57,57 @@ impl VsockConnector {
     /// Connects to `port` in the guest. Fails (rather than waits) while
     /// nothing in the guest listens on the port (`ConnectionRefused`), and
     /// with `TimedOut` if the whole connect (socket connect and, for hybrid
-    /// vsock, the handshake) takes longer than `timeout`.
+    /// vsock, the handshake) takes longer than `timeout`. A hybrid handshake
+    /// cut short (by `timeout`, or by the caller dropping this future) runs
+    /// on until the backend answers, at most [`LINGER`], and its stream is
+    /// closed then (see the module documentation).
     pub async fn connect_timeout(&self, port: u32, timeout: Duration) -> io::Result<VsockStream> {
-        match tokio::time::timeout(timeout, self.connect_inner(port)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
+        let timed_out = || {
+            io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("vsock port {port}: not connected within {timeout:?}"),
-            )),
-        }
-    }
-
-    async fn connect_inner(&self, port: u32) -> io::Result<VsockStream> {
+            )
+        };
         match self {
             VsockConnector::Vhost { guest_cid } => {
                 let addr = tokio_vsock::VsockAddr::new(*guest_cid, port);
-                Ok(VsockStream::Vsock(
-                    tokio_vsock::VsockStream::connect(addr).await?,
-                ))
+                match tokio::time::timeout(timeout, tokio_vsock::VsockStream::connect(addr)).await {
+                    Ok(r) => Ok(VsockStream::Vsock(r?)),
+                    Err(_) => Err(timed_out()),
+                }
             }
             VsockConnector::Hybrid { uds } => {
-                let mut s = UnixStream::connect(uds).await?;
-                s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
-                // Byte by byte: bytes after the answer belong to the caller.
-                // At most MAX_ANSWER of them: a peer that never sends '\n'
-                // must not grow our buffer.
-                let mut line = Vec::with_capacity(MAX_ANSWER);
-                let mut reader = BufReader::with_capacity(1, &mut s).take(MAX_ANSWER as u64);
-                reader.read_until(b'\n', &mut line).await?;
-                check_answer(port, &line)?;
-                Ok(VsockStream::Unix(s))
+                let uds = uds.clone();
+                // Dropping the handle (on timeout, or with this future)
+                // leaves the task running: it owns the stream until the
+                // answer comes.
+                let mut handshake = tokio::spawn(async move {
+                    tokio::time::timeout(LINGER, hybrid_connect(&uds, port)).await
+                });
+                match tokio::time::timeout(timeout, &mut handshake).await {
+                    Ok(Ok(Ok(r))) => Ok(VsockStream::Unix(r?)),
+                    Ok(Ok(Err(_))) | Err(_) => Err(timed_out()),
+                    Ok(Err(join)) => Err(io::Error::other(format!(
+                        "vsock port {port}: handshake task: {join}"
+                    ))),
+                }
             }
         }
     }
+}
+
+/// Connects to the hybrid vsock backend at `uds` and asks for `port`.
+async fn hybrid_connect(uds: &std::path::Path, port: u32) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(uds).await?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    // Byte by byte: bytes after the answer belong to the caller.
+    // At most MAX_ANSWER of them: a peer that never sends '\n'
+    // must not grow our buffer.
+    let mut line = Vec::with_capacity(MAX_ANSWER);
+    let mut reader = BufReader::with_capacity(1, &mut s).take(MAX_ANSWER as u64);
+    reader.read_until(b'\n', &mut line).await?;
+    check_answer(port, &line)?;
+    Ok(s)
 }
 
 /// Accepts exactly `OK <number>\n` (the number is the host-side port the
@@ -204,6 +233,35 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("1024") && msg.contains("200ms"), "{msg}");
         peer.abort();
+    }
+
+    /// vhost-device-vsock 0.3 panics if the host has closed a connection
+    /// by the time the guest's answer comes: a handshake the caller gave up
+    /// on stays open until the answer, and is closed after it.
+    #[tokio::test]
+    async fn an_abandoned_handshake_is_closed_only_after_the_answer() {
+        let (_dir, vsock, peer) = backend(|mut s| async move {
+            let mut buf = [0u8; 16];
+            // Well after the caller gave up: still open (no EOF).
+            let early = tokio::time::timeout(Duration::from_millis(400), s.read(&mut buf)).await;
+            assert!(early.is_err(), "closed before the answer: {early:?}");
+            s.write_all(b"OK 77\n").await.unwrap();
+            // Then closed, without the caller.
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the abandoned handshake was not closed after the answer")
+                .unwrap();
+            assert_eq!(n, 0);
+        })
+        .await;
+        // The caller drops the future mid-handshake, as the boot's short
+        // attempts do (an elapsed `connect_timeout` drops it the same way).
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), vsock.connect(1024)).await;
+        assert!(gave_up.is_err());
+        tokio::time::timeout(Duration::from_secs(10), peer)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

@@ -840,11 +840,14 @@ impl Channel {
 
 /// Connects to the agent, retrying until it answers a ping or `timeout` passes.
 /// Waits (at most `limit`) until the console shows the agent's ready line,
-/// or the VM exits. Connecting earlier sends hybrid vsock CONNECTs while the
-/// guest's vsock driver is not up; abandoned ones were seen to leave
-/// vhost-device-vsock answering no later connection (boots that timed out
-/// with the agent ready). Past `limit` (a console that says nothing, or a
-/// flood that hides the line), connecting starts anyway.
+/// or the VM exits: a CONNECT sent earlier waits in the hybrid vsock backend
+/// until the guest's vsock driver is up and then its listener, and the
+/// attempts that time out meanwhile only add work for a busy guest. (Such
+/// attempts once made boots time out with the agent ready: closed before
+/// the guest's late answer, they crashed vhost-device-vsock 0.3's worker;
+/// an attempt's stream now stays open until the answer, see
+/// `cocoon_hypervisor::vsock`.) Past `limit` (a console that says nothing,
+/// or a flood that hides the line), connecting starts anyway.
 async fn wait_for_ready_line(id: &Id, vm: &mut dyn Vm, limit: Duration) {
     let until = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < until {
@@ -875,9 +878,9 @@ async fn connect_agent(
                 console: vm.console_tail(30),
             });
         }
-        // A short attempt, as before this change: an attempt left pending
-        // for seconds while the guest's vsock comes up made later ones hang
-        // (seen in the suite; see the closing note of the hostile-guest work).
+        // A short attempt: each new CONNECT also has the backend look at
+        // its queues again. One given up on is not closed before the
+        // backend answers it (the connector keeps it open until then).
         let wait =
             CONNECT_ATTEMPT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let attempt = tokio::time::timeout(
@@ -904,6 +907,7 @@ async fn connect_agent(
                 tracing::info!(
                     sandbox = %id,
                     boot_ms = start.elapsed().as_millis() as u64,
+                    attempts,
                     "agent answered"
                 );
                 // Shown to users and logged: the guest's text, bounded.

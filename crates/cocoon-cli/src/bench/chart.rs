@@ -52,7 +52,10 @@ pub fn draw(report: &Report, path: &Path, font: &Path) -> Result<()> {
     let h = &report.header;
     let (top, mut rest) = root.split_vertically(title_px);
     top.draw_text(
-        &format!("Cocoon benchmarks, {}: median, min–max of {} runs", h.date, h.runs),
+        &format!(
+            "Cocoon benchmarks, {}: median, min–max of {} runs",
+            h.date, h.runs
+        ),
         &("sans-serif", 22).into_font().color(&BLACK),
         (10, 8),
     )?;
@@ -130,15 +133,30 @@ mod tests {
     fn draws_a_png() {
         let font = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
         if !font.exists() {
-            eprintln!("SKIPPED draws_a_png: no {} (Debian fonts-dejavu-core)", font.display());
+            eprintln!(
+                "SKIPPED draws_a_png: no {} (Debian fonts-dejavu-core)",
+                font.display()
+            );
             return;
         }
         let mut r = Report::new(Header {
             runs: 3,
             ..Default::default()
         });
-        r.add("start", "`cocoon run -- true`", "cocoon q35", "ms", vec![3000.0, 2900.0, 3300.0]);
-        r.add("start", "raw VM floor", "QEMU q35", "ms", vec![2000.0, 1900.0, 2100.0]);
+        r.add(
+            "start",
+            "`cocoon run -- true`",
+            "cocoon q35",
+            "ms",
+            vec![3000.0, 2900.0, 3300.0],
+        );
+        r.add(
+            "start",
+            "raw VM floor",
+            "QEMU q35",
+            "ms",
+            vec![2000.0, 1900.0, 2100.0],
+        );
         r.add("start", "ratio", "cocoon q35", "×", vec![1.5]);
         r.add("idle", "CPU", "runc", "s/min", vec![]);
         let dir = tempfile::tempdir().unwrap();
@@ -146,6 +164,10 @@ mod tests {
         draw(&r, &png, font).unwrap();
         let head = std::fs::read(&png).unwrap();
         assert_eq!(&head[1..4], b"PNG");
-        assert_eq!(panels(&r).len(), 2, "one per section and unit, empty rows left out");
+        assert_eq!(
+            panels(&r).len(),
+            2,
+            "one per section and unit, empty rows left out"
+        );
     }
 }

@@ -92,7 +92,10 @@ impl Ctr {
     /// `ctr run [extra] IMAGE ID CMD...` as a command, not yet run.
     pub fn run_command(&self, rt: &Runtime, extra: &[&str], id: &str, cmd: &[&str]) -> Command {
         let mut c = self.command();
-        c.args(Self::run_args(rt, extra)).arg(IMAGE).arg(id).args(cmd);
+        c.args(Self::run_args(rt, extra))
+            .arg(IMAGE)
+            .arg(id)
+            .args(cmd);
         c.stdin(Stdio::null());
         c
     }

@@ -179,8 +179,12 @@ mod tests {
                 .collect();
             assert_eq!(floor.len(), full.len() - 8, "{machine:?}: {floor:?}");
             assert!(!floor.iter().any(|a| a.contains("vhost-user")), "{floor:?}");
-            assert!(!floor.iter().any(|a| a.contains("id=fs") || a.contains("id=vsock")));
-            for kept in ["-kernel", "-initrd", "-append", "-machine", "-accel", "-object"] {
+            assert!(!floor
+                .iter()
+                .any(|a| a.contains("id=fs") || a.contains("id=vsock")));
+            for kept in [
+                "-kernel", "-initrd", "-append", "-machine", "-accel", "-object",
+            ] {
                 assert!(floor.iter().any(|a| a == kept), "{kept} kept");
             }
         }

@@ -69,11 +69,15 @@ pub fn pss_mib(pid: u32) -> f64 {
     kib_field(&t, "Pss:").unwrap_or(0.0) / 1024.0
 }
 
-/// Anonymous plus shared-memory resident memory of `pid` in MiB: for QEMU,
-/// the guest memory it has touched (the memfd is shmem) and its own heap.
-pub fn rss_anon_shmem_mib(pid: u32) -> f64 {
+/// Resident anonymous and shared memory of `pid` in MiB. For QEMU the
+/// shared part is the guest memory the guest has touched (the memfd), the
+/// anonymous part QEMU's own (heap, TCG's translation cache).
+pub fn rss_anon_shmem_mib(pid: u32) -> (f64, f64) {
     let t = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    (kib_field(&t, "RssAnon:").unwrap_or(0.0) + kib_field(&t, "RssShmem:").unwrap_or(0.0)) / 1024.0
+    (
+        kib_field(&t, "RssAnon:").unwrap_or(0.0) / 1024.0,
+        kib_field(&t, "RssShmem:").unwrap_or(0.0) / 1024.0,
+    )
 }
 
 /// User plus system CPU seconds of `pid` (0 for a process gone).
@@ -180,11 +184,27 @@ mod tests {
     #[test]
     fn trees_shims_and_kinds() {
         let mut all = BTreeMap::new();
-        all.insert(10, (1, "/usr/bin/containerd-shim-cocoon-v2 -namespace b -id pod1 -address /x/c.sock".into()));
-        all.insert(11, (10, "/usr/bin/qemu-system-x86_64 -name cocoon-pod1".into()));
+        all.insert(
+            10,
+            (
+                1,
+                "/usr/bin/containerd-shim-cocoon-v2 -namespace b -id pod1 -address /x/c.sock"
+                    .into(),
+            ),
+        );
+        all.insert(
+            11,
+            (10, "/usr/bin/qemu-system-x86_64 -name cocoon-pod1".into()),
+        );
         all.insert(12, (10, "virtiofsd --socket-path=/run/s".into()));
         all.insert(13, (12, "virtiofsd --socket-path=/run/s".into()));
-        all.insert(20, (1, "/usr/bin/containerd-shim-runc-v2 -namespace b -id pod2 -address /x/c.sock".into()));
+        all.insert(
+            20,
+            (
+                1,
+                "/usr/bin/containerd-shim-runc-v2 -namespace b -id pod2 -address /x/c.sock".into(),
+            ),
+        );
         let mut t = tree(&all, 10);
         t.sort();
         assert_eq!(t, vec![10, 11, 12, 13]);
@@ -199,7 +219,7 @@ mod tests {
     fn this_process_has_memory_and_time() {
         let me = std::process::id();
         assert!(pss_mib(me) > 0.0);
-        assert!(rss_anon_shmem_mib(me) > 0.0);
+        assert!(rss_anon_shmem_mib(me).0 > 0.0);
         assert!(cpu_secs(me) >= 0.0);
         assert_eq!(pss_mib(u32::MAX), 0.0);
     }

@@ -84,7 +84,10 @@ pub struct BenchArgs {
     #[arg(long)]
     png: Option<PathBuf>,
     /// TrueType font for the chart (Debian `fonts-dejavu-core`).
-    #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
     font: PathBuf,
     /// Scratch directory (kept with its logs if given; else a temporary one).
     #[arg(long)]
@@ -153,7 +156,10 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     for s in &only {
         if !SECTIONS.contains(&s.as_str()) {
-            bail!("--only: unknown section `{s}` (one of {})", SECTIONS.join(", "));
+            bail!(
+                "--only: unknown section `{s}` (one of {})",
+                SECTIONS.join(", ")
+            );
         }
     }
     if nix::unistd::geteuid().as_raw() != 0 {
@@ -243,7 +249,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         std::fs::write(p, report.json()).with_context(|| format!("{}", p.display()))?;
     }
     if let Some(p) = &env.args.png {
-        chart::draw(&report, p, &env.args.font).with_context(|| format!("chart {}", p.display()))?;
+        chart::draw(&report, p, &env.args.font)
+            .with_context(|| format!("chart {}", p.display()))?;
     }
     Ok(())
 }

@@ -111,7 +111,10 @@ mod tests {
         assert_eq!(parse_timestamp("1970-01-02T00:00:01.5Z"), Some(86_401.5));
         // 2026-11-29 is day 20_786 of the epoch.
         let t = parse_timestamp("2026-11-29T17:27:38.123456Z").unwrap();
-        assert!((t - (20_786.0 * 86_400.0 + 62_858.123456)).abs() < 1e-6, "{t}");
+        assert!(
+            (t - (20_786.0 * 86_400.0 + 62_858.123456)).abs() < 1e-6,
+            "{t}"
+        );
         assert_eq!(parse_timestamp("yesterday"), None);
     }
 

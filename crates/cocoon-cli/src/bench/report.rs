@@ -113,7 +113,14 @@ impl Report {
     }
 
     /// Adds `samples` of `measure` on `system`; the stats are computed here.
-    pub fn add(&mut self, section: &str, measure: &str, system: &str, unit: &str, samples: Vec<f64>) {
+    pub fn add(
+        &mut self,
+        section: &str,
+        measure: &str,
+        system: &str,
+        unit: &str,
+        samples: Vec<f64>,
+    ) {
         self.rows.push(Row {
             section: section.into(),
             measure: measure.into(),
@@ -246,14 +253,33 @@ mod tests {
             runs: 3,
             ..Default::default()
         });
-        r.add("start", "cocoon run -- true", "cocoon q35", "ms", vec![3000.0, 2900.0, 3100.0]);
-        r.add_noted("start", "ctr run", "runc", "ms", vec![], "failed: no containerd");
+        r.add(
+            "start",
+            "cocoon run -- true",
+            "cocoon q35",
+            "ms",
+            vec![3000.0, 2900.0, 3100.0],
+        );
+        r.add_noted(
+            "start",
+            "ctr run",
+            "runc",
+            "ms",
+            vec![],
+            "failed: no containerd",
+        );
         r.note("files", "virtiofsd cache: auto");
         let md = r.markdown();
         assert!(md.contains("Fake CPU, 2 cores"), "{md}");
         assert!(md.contains("### start"), "{md}");
-        assert!(md.contains("| cocoon run -- true | cocoon q35 | 3000 (2900–3100) ms |"), "{md}");
-        assert!(md.contains("| ctr run | runc | — (failed: no containerd) |"), "{md}");
+        assert!(
+            md.contains("| cocoon run -- true | cocoon q35 | 3000 (2900–3100) ms |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| ctr run | runc | — (failed: no containerd) |"),
+            "{md}"
+        );
         assert!(md.contains("### files\n\nvirtiofsd cache: auto"), "{md}");
         let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
         assert_eq!(v["rows"][0]["stats"]["median"], 3000.0);

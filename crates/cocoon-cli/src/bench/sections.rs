@@ -47,8 +47,13 @@ impl Series {
         if self.errors.is_empty() {
             report.add(section, measure, system, unit, self.samples);
         } else {
-            let mut e = self.errors[0].clone();
-            e.truncate(160);
+            // The first error's first line, short enough for a table cell
+            // (the whole of each went to stderr).
+            let first = self.errors[0].lines().next().unwrap_or_default();
+            let mut e: String = first.chars().take(120).collect();
+            if e.len() < first.len() {
+                e.push('…');
+            }
             let note = format!("{} failed: {e}", self.errors.len());
             report.add_noted(section, measure, system, unit, self.samples, &note);
         }
@@ -162,22 +167,33 @@ pub fn start(env: &Env, report: &mut Report) {
     for (i, (label, _)) in env.flavours.iter().enumerate() {
         let sys = format!("cocoon {label}");
         let ratio = ratios(&run_t[i].samples, &floor_t[i].samples);
-        std::mem::take(&mut floor_t[i]).add_to(report, S, "raw VM floor (kernel + trivial /init)", &format!("QEMU {label}"), "ms");
+        std::mem::take(&mut floor_t[i]).add_to(
+            report,
+            S,
+            "raw VM floor (kernel + trivial /init)",
+            &format!("QEMU {label}"),
+            "ms",
+        );
         std::mem::take(&mut run_t[i]).add_to(report, S, "`cocoon run -- true`", &sys, "ms");
         report.add(S, "`cocoon run` ÷ raw VM floor", &sys, "×", ratio);
         // Phases in the order they happen.
-        for (_, phase) in phases::MILESTONES
-            .iter()
-            .chain([&("", phases::EXIT_PHASE)])
-        {
+        for (_, phase) in phases::MILESTONES.iter().chain([&("", phases::EXIT_PHASE)]) {
             if let Some(v) = phase_t[i].get(phase) {
                 report.add(S, &format!("phase: {phase}"), &sys, "ms", v.clone());
             }
         }
     }
     if env.ctr.is_some() {
+        let runc = ctr_t.last().map(|s| s.samples.clone()).unwrap_or_default();
+        let mut vs_runc = Vec::new();
         for (rt, s) in runtimes.iter().zip(ctr_t) {
+            if rt.label != "runc" {
+                vs_runc.push((rt.label.clone(), ratios(&s.samples, &runc)));
+            }
             s.add_to(report, S, "`ctr run --rm … true`", &rt.label, "ms");
+        }
+        for (label, r) in vs_runc {
+            report.add(S, "`ctr run` ÷ runc's", &label, "×", r);
         }
     } else {
         report.note(S, "`ctr run` not measured: no --containerd.");
@@ -211,13 +227,21 @@ fn start_many(ctr: &Ctr, rt: &Runtime, ids: &[String]) -> Result<f64> {
     for (c, id) in children.into_iter().zip(ids) {
         match c.and_then(|c| c.wait_with_output()) {
             Ok(o) if o.status.success() => {}
-            Ok(o) => failed.push(format!("{id}: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Ok(o) => failed.push(format!(
+                "{id}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
             Err(e) => failed.push(format!("{id}: {e}")),
         }
     }
     let took = t.elapsed();
     if !failed.is_empty() {
-        bail!("{} of {} pods failed: {}", failed.len(), ids.len(), failed[0]);
+        bail!(
+            "{} of {} pods failed: {}",
+            failed.len(),
+            ids.len(),
+            failed[0]
+        );
     }
     Ok(ms(took))
 }
@@ -237,15 +261,18 @@ fn pod_memory(ctr: &Ctr, ids: &[String]) -> Result<BTreeMap<String, f64>> {
     let address = ctr.address.to_string_lossy();
     let mut sum: BTreeMap<String, f64> = BTreeMap::new();
     for id in ids {
-        let shim = host::shim_of(&all, &address, id).with_context(|| format!("no shim for {id}"))?;
+        let shim =
+            host::shim_of(&all, &address, id).with_context(|| format!("no shim for {id}"))?;
         for pid in host::tree(&all, shim) {
             let kind = host::kind(&all[&pid].1);
             let pss = host::pss_mib(pid);
             *sum.entry(format!("PSS: {kind}")).or_default() += pss;
             *sum.entry("PSS: total".into()).or_default() += pss;
             if kind == "QEMU" {
-                *sum.entry("guest memory touched (QEMU anon+shmem RSS)".into()).or_default() +=
-                    host::rss_anon_shmem_mib(pid);
+                let (anon, shmem) = host::rss_anon_shmem_mib(pid);
+                *sum.entry("guest memory touched (QEMU RssShmem)".into())
+                    .or_default() += shmem;
+                *sum.entry("QEMU's own memory (RssAnon)".into()).or_default() += anon;
             }
         }
     }
@@ -268,7 +295,12 @@ pub fn pods(env: &Env, report: &mut Report, times: bool, memory: bool) {
     for run in 0..env.runs {
         for &n in &env.args.pods {
             for (r, rt) in runtimes.iter().enumerate() {
-                progress(&format!("pods: run {}/{}, {n} × {}", run + 1, env.runs, rt.label));
+                progress(&format!(
+                    "pods: run {}/{}, {n} × {}",
+                    run + 1,
+                    env.runs,
+                    rt.label
+                ));
                 let ids: Vec<String> = (0..n).map(|_| uid("pod")).collect();
                 let started = start_many(ctr, rt, &ids);
                 let ok = started.is_ok();
@@ -300,8 +332,30 @@ pub fn pods(env: &Env, report: &mut Report, times: bool, memory: bool) {
         }
     }
     if memory {
+        // Per runtime and pod count: the processes, their total, then the guest.
+        let rank = |k: &str| {
+            [
+                "PSS: shim",
+                "PSS: QEMU",
+                "PSS: virtiofsd",
+                "PSS: vsock backend",
+                "PSS: container",
+                "PSS: total",
+            ]
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or(usize::MAX)
+        };
+        let mut mem: Vec<_> = mem.into_iter().collect();
+        mem.sort_by_key(|((r, n, k), _)| (*r, *n, rank(k)));
         for ((r, n, k), v) in mem {
-            report.add("memory", &format!("{k}, per pod, {n} pod(s)"), &runtimes[r].label, "MiB", v);
+            report.add(
+                "memory",
+                &format!("{k}, per pod, {n} pod(s)"),
+                &runtimes[r].label,
+                "MiB",
+                v,
+            );
         }
         for e in mem_err {
             report.note("memory", format!("failed: {e}"));
@@ -311,8 +365,9 @@ pub fn pods(env: &Env, report: &mut Report, times: bool, memory: bool) {
             format!(
                 "Per pod: the mean over the pods running at once of the PSS (smaps_rollup) of the \
                  pod's shim and its descendants, {} s after all started; runc's `container` is \
-                 `sleep` itself. The guest memory touched is QEMU's resident anonymous and shared \
-                 (memfd) memory.",
+                 `sleep` itself. The guest memory touched is QEMU's resident shared memory (the \
+                 memfd of guest RAM); QEMU's own is its resident anonymous memory (heap, \
+                 TCG's translation cache).",
                 env.args.settle_secs
             ),
         );
@@ -334,7 +389,10 @@ fn io_helper(dir: &Path) -> Result<PathBuf> {
         .output()
         .context("cc (Debian gcc and libc6-dev) for the static I/O helper")?;
     if !out.status.success() {
-        bail!("cc bench-io.c: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cc bench-io.c: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(bin)
 }
@@ -350,7 +408,8 @@ pub fn parse_kv(text: &str) -> BTreeMap<String, f64> {
 /// A copy of `flavour` with `virtiofs.cache = mode`, in `dir`.
 fn with_cache(flavour: &Path, mode: &str, dir: &Path) -> Result<PathBuf> {
     let text = std::fs::read_to_string(flavour)?;
-    let mut v: toml::Table = toml::from_str(&text).with_context(|| format!("{}", flavour.display()))?;
+    let mut v: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}", flavour.display()))?;
     let fs = v
         .entry("virtiofs")
         .or_insert_with(|| toml::Value::Table(Default::default()));
@@ -389,7 +448,10 @@ pub fn files(env: &Env, report: &mut Report) {
     let mut systems: Vec<(String, Runtime)> = Vec::new();
     for mode in &env.args.cache_modes {
         match with_cache(flavour, mode, &dir) {
-            Ok(p) => systems.push((format!("cocoon {label}, cache={mode}"), Runtime::cocoon(label, &p))),
+            Ok(p) => systems.push((
+                format!("cocoon {label}, cache={mode}"),
+                Runtime::cocoon(label, &p),
+            )),
             Err(e) => report.note(S, format!("cache={mode}: {e:#}")),
         }
     }
@@ -398,7 +460,10 @@ pub fn files(env: &Env, report: &mut Report) {
         "type=bind,src={},dst=/bench,options=rbind:ro",
         helper.parent().unwrap_or(Path::new("/")).display()
     );
-    let mount_tmpfs = format!("type=tmpfs,src=tmpfs,dst=/scratch,options=size={}m", env.args.file_mib * 2 + 16);
+    let mount_tmpfs = format!(
+        "type=tmpfs,src=tmpfs,dst=/scratch,options=size={}m",
+        env.args.file_mib * 2 + 16
+    );
     let script = format!(
         "/bench/bench-io /data.bin {m} {o} | sed 's/^/rootfs./' && /bench/bench-io /scratch/data.bin {m} {o} | sed 's/^/tmpfs./'",
         m = env.args.file_mib,
@@ -410,7 +475,12 @@ pub fn files(env: &Env, report: &mut Report) {
         for (i, (sys, rt)) in systems.iter().enumerate() {
             progress(&format!("files: run {}/{}, {sys}", run + 1, env.runs));
             let id = uid("files");
-            match ctr.run_rm(rt, &["--mount", &bind, "--mount", &mount_tmpfs], &id, &["sh", "-c", &script]) {
+            match ctr.run_rm(
+                rt,
+                &["--mount", &bind, "--mount", &mount_tmpfs],
+                &id,
+                &["sh", "-c", &script],
+            ) {
                 Ok(out) => {
                     for (k, v) in parse_kv(&String::from_utf8_lossy(&out.stdout)) {
                         samples.entry((i, k)).or_default().push(v);
@@ -474,7 +544,12 @@ fn with_containers<T>(
     for rt in runtimes {
         let id = uid("idle");
         if let Err(e) = ctr.start(rt, &[], &id, SLEEP) {
-            remove_all(ctr, &up.iter().map(|(_, i): &(Runtime, String)| i.clone()).collect::<Vec<_>>());
+            remove_all(
+                ctr,
+                &up.iter()
+                    .map(|(_, i): &(Runtime, String)| i.clone())
+                    .collect::<Vec<_>>(),
+            );
             return Err(e);
         }
         up.push((rt.clone(), id));
@@ -512,7 +587,9 @@ fn state_rtt(rt: &tokio::runtime::Runtime, socket: &Path, id: &str, n: usize) ->
                 .with_context(|| format!("State of {id} on {}", socket.display()))?;
             v.push(ms(t.elapsed()));
         }
-        Ok(super::report::Stats::of(&v).map(|s| s.median).unwrap_or(0.0))
+        Ok(super::report::Stats::of(&v)
+            .map(|s| s.median)
+            .unwrap_or(0.0))
     })
 }
 
@@ -523,7 +600,10 @@ pub fn exec(env: &Env, report: &mut Report) {
         return;
     };
     let runtimes = pod_runtimes(env);
-    let tokio_rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let tokio_rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             report.note(S, format!("not measured: {e}"));
@@ -590,7 +670,11 @@ fn exec_rate(ctr: &Ctr, id: &str, cmd: &[&str], mib: u64, expect: bool) -> Resul
     let o = child.wait_with_output()?;
     let took = t.elapsed().as_secs_f64();
     if !o.status.success() {
-        bail!("exec in {id}: {}: {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
+        bail!(
+            "exec in {id}: {}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
     }
     if expect && n != mib << 20 {
         bail!("exec in {id}: {n} bytes reached stdout, not {}", mib << 20);
@@ -689,7 +773,13 @@ pub fn idle(env: &Env, report: &mut Report) {
         }
     }
     for (rt, s) in runtimes.iter().zip(cpu) {
-        s.add_to(report, S, "host CPU time of an idle pod (shim and descendants)", &rt.label, "s/min");
+        s.add_to(
+            report,
+            S,
+            "host CPU time of an idle pod (shim and descendants)",
+            &rt.label,
+            "s/min",
+        );
     }
     report.note(
         S,

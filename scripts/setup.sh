@@ -4,7 +4,8 @@
 #   - Debian packages: QEMU, containerd + runc, the build dependencies of
 #     virtiofsd, kmod/cpio for the guest image, busybox-static for the demo;
 #     for the CRI tests: the CNI plugins, iptables, protoc (the CRI client's
-#     build), gcc and static libc (the offline pause image)
+#     build), gcc and static libc (the offline pause image, `cocoon bench`'s
+#     I/O helper); a TrueType font for `cocoon bench --png`
 #   - the rust-vmm daemons virtiofsd and vhost-device-vsock (cargo install)
 #   - the Cocoon workspace (release), installed to /usr/local/bin
 #   - the guest image (/var/lib/cocoon/guest) and a default flavour
@@ -32,7 +33,8 @@ apt-get install -y -q --no-install-recommends \
   qemu-system-x86 containerd runc \
   libseccomp-dev libcap-ng-dev pkg-config \
   kmod cpio busybox-static procps ca-certificates \
-  containernetworking-plugins iptables protobuf-compiler gcc libc6-dev curl
+  containernetworking-plugins iptables protobuf-compiler gcc libc6-dev curl \
+  fonts-dejavu-core
 
 say "rust-vmm daemons (virtiofsd 1.14, vhost-device-vsock 0.3)"
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"

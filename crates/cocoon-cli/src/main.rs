@@ -1,5 +1,6 @@
 //! `cocoon`: the admin CLI.
 
+mod bench;
 mod check;
 mod image;
 mod run;
@@ -41,6 +42,9 @@ enum Command {
     },
     /// Boots a VM and runs one command in a container in it.
     Run(run::RunArgs),
+    /// Measures Cocoon on this host beside runc and a bare VM; prints a
+    /// markdown table (and writes JSON and a PNG chart).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -101,6 +105,7 @@ fn main() {
             }
         }
         Command::Run(args) => run::main(args),
+        Command::Bench(args) => bench::main(args),
     };
     std::process::exit(code);
 }

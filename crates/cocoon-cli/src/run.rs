@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cocoon_protocols::{Id, StreamKind};
 use cocoon_runtime::{Container, Sandbox, SandboxOptions};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -266,7 +266,13 @@ async fn run_in(
     let pump_out = tokio::spawn(async move {
         let mut s = stdout;
         let mut o = tokio::io::stdout();
-        let r = tokio::io::copy(&mut s, &mut o).await;
+        // The first bytes (or the end, for a command that prints nothing)
+        // mark the `first-output` phase of the debug log.
+        let mut first = [0u8; 8192];
+        let n = s.read(&mut first).await?;
+        tracing::debug!(bytes = n, phase = "first-output", "first output");
+        o.write_all(&first[..n]).await?;
+        let r = tokio::io::copy(&mut s, &mut o).await.map(|c| c + n as u64);
         let _ = o.flush().await;
         r
     });

@@ -373,6 +373,7 @@ impl Hypervisor for Qemu {
             }
         }
 
+        tracing::debug!(phase = "daemons-up", "helper daemons ready");
         // The console pipe exists, and is drained, before QEMU starts: no
         // early boot output is lost.
         let (console, console_w) = LogPump::start("console", &spec.console_log(), LOG_CAP, true)?;
@@ -404,7 +405,7 @@ impl Hypervisor for Qemu {
             path: vm.qmp_path.clone(),
             source,
         })?;
-        tracing::debug!(pid = vm.pid, %status, "QEMU running");
+        tracing::debug!(pid = vm.pid, %status, phase = "qemu-running", "QEMU running");
         vm.exited_early()?;
         Ok(Box::new(vm))
     }

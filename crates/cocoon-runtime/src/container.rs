@@ -87,6 +87,7 @@ impl Container {
             .create_container(ctx(CALL_TIMEOUT), &req)
             .await
             .map_err(c.err("create", None))?;
+        tracing::debug!(sandbox = %c.channel.id, container = %c.id, phase = "container-created", "container created");
         Ok(c)
     }
 
@@ -97,6 +98,7 @@ impl Container {
             .start_container(ctx(CALL_TIMEOUT), &self.req())
             .await
             .map_err(self.err("start", None))?;
+        tracing::debug!(sandbox = %self.channel.id, container = %self.id, phase = "container-started", "container started");
         Ok(())
     }
 
@@ -140,6 +142,14 @@ impl Container {
         // passed on as a huge unsigned one.
         let status = u32::try_from(w.exit_status).unwrap_or(255).min(255);
         let nanos = u64::try_from(w.exited_at_unix_nanos).unwrap_or(0);
+        tracing::debug!(
+            sandbox = %self.channel.id,
+            container = %self.id,
+            exec = exec.map(Id::as_str),
+            status,
+            phase = "process-exited",
+            "process exited"
+        );
         Ok(ProcessExit {
             status,
             at: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),

@@ -318,7 +318,7 @@ impl Sandbox {
         let caps = HostCaps::probe();
         let accel = caps.resolve_accel(config.hypervisor.accel);
         let vsock = caps.resolve_vsock(config.vsock.transport);
-        tracing::info!(sandbox = %id, ?accel, ?vsock, machine = ?config.hypervisor.machine, "starting VM");
+        tracing::info!(sandbox = %id, phase = "vm-starting", ?accel, ?vsock, machine = ?config.hypervisor.machine, "starting VM");
         // State left by an owner that died with its VM (a killed shim whose
         // containerd never ran `delete`) is cleaned; a live sandbox is not.
         let stale = config.runtime.state_dir.join(id.as_str());
@@ -474,6 +474,7 @@ impl Sandbox {
             }
         }
         pointer.keep();
+        tracing::debug!(sandbox = %id, phase = "sandbox-created", "sandbox created");
         Ok(sandbox)
     }
 
@@ -752,7 +753,7 @@ impl Sandbox {
         self.vm.shutdown(grace).await;
         release_cgroup(&self.id, self.cgroup.take()).await;
         release_network(&self.id, self.network.take()).await;
-        tracing::info!(sandbox = %self.id, "stopped");
+        tracing::info!(sandbox = %self.id, phase = "vm-stopped", "stopped");
     }
 }
 
@@ -906,6 +907,7 @@ async fn connect_agent(
             if let Ok(pong) = pong {
                 tracing::info!(
                     sandbox = %id,
+                    phase = "agent-ready",
                     boot_ms = start.elapsed().as_millis() as u64,
                     attempts,
                     "agent answered"

@@ -263,17 +263,21 @@ async fn run_in(
         Some(container.open_stream(StreamKind::Stderr, None).await?)
     };
     let stdin = container.open_stream(StreamKind::Stdin, None).await?;
+    // In chunks of up to what the guest may send before it waits for
+    // credit (tokio's `copy` would take 8 KiB at a time).
+    const OUTPUT_CHUNK: usize = 256 * 1024;
     let pump_out = tokio::spawn(async move {
-        let mut s = stdout;
+        let mut s = tokio::io::BufReader::with_capacity(OUTPUT_CHUNK, stdout);
         let mut o = tokio::io::stdout();
-        let r = tokio::io::copy(&mut s, &mut o).await;
+        let r = tokio::io::copy_buf(&mut s, &mut o).await;
         let _ = o.flush().await;
         r
     });
     let pump_err = tokio::spawn(async move {
-        if let Some(mut s) = stderr {
+        if let Some(s) = stderr {
+            let mut s = tokio::io::BufReader::with_capacity(OUTPUT_CHUNK, s);
             let mut e = tokio::io::stderr();
-            let _ = tokio::io::copy(&mut s, &mut e).await;
+            let _ = tokio::io::copy_buf(&mut s, &mut e).await;
             let _ = e.flush().await;
         }
     });

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cocoon_protocols::{Id, StreamKind};
 use cocoon_runtime::{Container, Sandbox, SandboxOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -263,23 +263,30 @@ async fn run_in(
         Some(container.open_stream(StreamKind::Stderr, None).await?)
     };
     let stdin = container.open_stream(StreamKind::Stdin, None).await?;
+    // In chunks of up to what the guest may send before it waits for
+    // credit (tokio's `copy` would take 8 KiB at a time).
+    const OUTPUT_CHUNK: usize = 256 * 1024;
     let pump_out = tokio::spawn(async move {
-        let mut s = stdout;
+        let mut s = tokio::io::BufReader::with_capacity(OUTPUT_CHUNK, stdout);
         let mut o = tokio::io::stdout();
         // The first bytes (or the end, for a command that prints nothing)
         // mark the `first-output` phase of the debug log.
-        let mut first = [0u8; 8192];
-        let n = s.read(&mut first).await?;
+        let first = s.fill_buf().await?;
+        let n = first.len();
         tracing::debug!(bytes = n, phase = "first-output", "first output");
-        o.write_all(&first[..n]).await?;
-        let r = tokio::io::copy(&mut s, &mut o).await.map(|c| c + n as u64);
+        o.write_all(first).await?;
+        s.consume(n);
+        let r = tokio::io::copy_buf(&mut s, &mut o)
+            .await
+            .map(|c| c + n as u64);
         let _ = o.flush().await;
         r
     });
     let pump_err = tokio::spawn(async move {
-        if let Some(mut s) = stderr {
+        if let Some(s) = stderr {
+            let mut s = tokio::io::BufReader::with_capacity(OUTPUT_CHUNK, s);
             let mut e = tokio::io::stderr();
-            let _ = tokio::io::copy(&mut s, &mut e).await;
+            let _ = tokio::io::copy_buf(&mut s, &mut e).await;
             let _ = e.flush().await;
         }
     });

@@ -118,18 +118,26 @@ pub async fn spawn_binary(
     Ok((to_writer(out_w)?, to_writer(err_w)?, child))
 }
 
+/// The most one read of a guest output stream takes: what the guest may
+/// send before it waits for credit (tokio's `copy` would take 8 KiB, a
+/// read and a write per 8 KiB). The buffer bounds what this copy holds:
+/// while the destination does not drain, nothing more is read, and the
+/// guest is left without credit.
+const OUTPUT_CHUNK: usize = 256 * 1024;
+
 /// Copies a guest output stream to its destination until the stream ends.
 pub async fn copy_out(
-    mut stream: VsockStream,
+    stream: VsockStream,
     dest: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
 ) {
+    let mut stream = tokio::io::BufReader::with_capacity(OUTPUT_CHUNK, stream);
     match dest {
         Some(mut d) => {
-            let _ = tokio::io::copy(&mut stream, &mut d).await;
+            let _ = tokio::io::copy_buf(&mut stream, &mut d).await;
             let _ = d.flush().await;
         }
         None => {
-            let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+            let _ = tokio::io::copy_buf(&mut stream, &mut tokio::io::sink()).await;
         }
     }
 }
@@ -142,33 +150,62 @@ pub fn open_input(uri: &str) -> Result<tokio::net::unix::pipe::Receiver> {
         .map_err(|e| Error::InvalidArgument(format!("stdin fifo {uri}: {e}")))
 }
 
+/// How long, once CloseIO has come, a write to the guest may wait: a
+/// guest that stops reading its stdin must not keep this task (and the
+/// fifo) for ever, but one that is merely slower gets every byte.
+const STDIN_CLOSE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Copies stdin to the guest until containerd's side ends or CloseIO comes;
-/// then closes the stream, which closes the process's stdin.
+/// then forwards what is left in the fifo, and closes the stream, which
+/// closes the process's stdin.
 pub async fn copy_in(
     mut src: tokio::net::unix::pipe::Receiver,
     mut stream: VsockStream,
     mut close: oneshot::Receiver<()>,
 ) {
     let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        tokio::select! {
-            r = src.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                // A guest that stops reading must not keep this task (and
-                // the fifo) past CloseIO.
-                Ok(n) => tokio::select! {
-                    w = stream.write_all(&buf[..n]) => if w.is_err() { return },
-                    _ = &mut close => break,
+    let mut closing = false;
+    'copy: loop {
+        let n = if closing {
+            // containerd wrote everything before CloseIO: what the fifo
+            // holds now is the rest.
+            match src.try_read(&mut buf) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            }
+        } else {
+            tokio::select! {
+                r = src.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
                 },
-            },
-            _ = &mut close => {
-                // Forward what is already in the fifo, then end.
-                while let Ok(n) = src.try_read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
-                        break;
+                _ = &mut close => {
+                    closing = true;
+                    continue;
+                }
+            }
+        };
+        // `write` is cancel-safe: a write overtaken by CloseIO has written
+        // nothing, and is tried again under the deadline.
+        let mut off = 0;
+        while off < n {
+            let w = if closing {
+                match tokio::time::timeout(STDIN_CLOSE_STALL, stream.write(&buf[off..n])).await {
+                    Ok(w) => w,
+                    Err(_) => break 'copy,
+                }
+            } else {
+                tokio::select! {
+                    w = stream.write(&buf[off..n]) => w,
+                    _ = &mut close => {
+                        closing = true;
+                        continue;
                     }
                 }
-                break;
+            };
+            match w {
+                Ok(0) | Err(_) => return,
+                Ok(k) => off += k,
             }
         }
     }

@@ -8,23 +8,19 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-const IMAGE: &str = "docker.io/library/busybox:cocoon";
+mod common;
+
+use common::{socket, IMAGE};
+
 const RUNTIME: &str = "io.containerd.cocoon.v2";
 const NS: &str = "cocoon-e2e";
 
-fn socket() -> String {
-    std::env::var("COCOON_TEST_CONTAINERD")
-        .expect("COCOON_TEST_CONTAINERD is not set: start containerd with scripts/containerd.sh (scripts/test.sh does)")
-}
-
 fn ctr(args: &[&str]) -> Output {
-    let out = Command::new("ctr")
-        .args(["--address", &socket(), "--namespace", NS])
+    common::ctr(NS)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("run ctr");
-    out
+        .expect("run ctr")
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -35,17 +31,7 @@ fn text(o: &Output) -> (String, String) {
 }
 
 fn import_image() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let tar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/busybox-oci.tar");
-        assert!(
-            tar.is_file(),
-            "{} missing: run scripts/busybox-oci.sh",
-            tar.display()
-        );
-        let o = ctr(&["images", "import", tar.to_str().unwrap()]);
-        assert!(o.status.success(), "import: {:?}", text(&o));
-    });
+    common::import_image(NS);
 }
 
 fn run_rm(id: &str, extra: &[&str], cmd: &[&str]) -> Output {

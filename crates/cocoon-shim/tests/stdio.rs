@@ -6,49 +6,23 @@
 //! `bench_stdout_throughput` is run by name.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-const IMAGE: &str = "docker.io/library/busybox:cocoon";
+mod common;
+
+use common::IMAGE;
+
 const COCOON: &str = "io.containerd.cocoon.v2";
 const RUNC: &str = "io.containerd.runc.v2";
 const NS: &str = "cocoon-stdio";
 
-fn socket() -> String {
-    std::env::var("COCOON_TEST_CONTAINERD")
-        .expect("COCOON_TEST_CONTAINERD is not set: start containerd with scripts/containerd.sh (scripts/test.sh does)")
-}
-
-fn ctr() -> Command {
-    let mut c = Command::new("ctr");
-    c.args(["--address", &socket(), "--namespace", NS]);
-    c
-}
-
-fn import_image() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let tar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../build/busybox-oci.tar");
-        assert!(
-            tar.is_file(),
-            "{} missing: run scripts/busybox-oci.sh",
-            tar.display()
-        );
-        let o = ctr()
-            .args(["images", "import", tar.to_str().unwrap()])
-            .output()
-            .expect("run ctr");
-        assert!(o.status.success(), "import: {o:?}");
-    });
-}
-
 /// `ctr run --rm` of `script` (a `sh -c` script) on `runtime`.
 fn run(runtime: &str, id: &str, script: &str, stdin: bool) -> Command {
-    import_image();
-    let mut c = ctr();
+    common::import_image(NS);
+    let mut c = common::ctr(NS);
     c.args(["run", "--rm", "--runtime", runtime]);
     c.args([IMAGE, id, "sh", "-c", script]);
     c.stdin(if stdin { Stdio::piped() } else { Stdio::null() });

@@ -7,6 +7,9 @@
 //! set, as by `scripts/test.sh`); elsewhere they say why they skip, and
 //! under `COCOON_TEST_REQUIRE` a missing requirement fails them.
 
+mod common;
+
+use common::processes;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -47,22 +50,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Every process: pid and command line (NULs as spaces).
-fn processes() -> Vec<(u32, String)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if !c.is_empty() {
-                v.push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
-            }
-        }
-    }
-    v
 }
 
 /// Whether `pid` runs (a zombie has ended).

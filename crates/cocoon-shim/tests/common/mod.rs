@@ -1,6 +1,8 @@
 //! What the `ctr`-driven end-to-end tests share: the private containerd
 //! (`scripts/containerd.sh`, its socket in `COCOON_TEST_CONTAINERD`), `ctr`
-//! in a namespace of the test's own, and the offline busybox image.
+//! in a namespace of the test's own, the offline busybox image, and the
+//! host's processes. Each test binary uses a part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,4 +43,20 @@ pub fn import_image(ns: &str) {
             String::from_utf8_lossy(&o.stderr)
         );
     });
+}
+
+/// Every process: pid and command line (NULs as spaces).
+pub fn processes() -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            if !c.is_empty() {
+                v.push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
+            }
+        }
+    }
+    v
 }

@@ -566,21 +566,7 @@ impl Drop for Pod<'_> {
     }
 }
 
-/// Every process: pid and command line (NULs as spaces).
-pub fn processes() -> Vec<(u32, String)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            if !c.is_empty() {
-                v.push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
-            }
-        }
-    }
-    v
-}
+pub use crate::common::processes;
 
 /// What sandbox `id` left on the host, waiting up to 10 s for it to go.
 fn leftovers(

@@ -7,6 +7,8 @@
 //! `COCOON_CRI_HANDLER=runc` runs the feature tests on runc instead, which
 //! tells a harness problem from a runtime one.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod harness;
 mod stream;
 

@@ -506,6 +506,18 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Waits until process `pid`'s command line is readable (not empty).
+fn exec_finished(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} never showed its command line"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn cleanup_dead_kills_unmounts_and_removes() {
     let s = Scratch::new("dead");
@@ -521,6 +533,9 @@ fn cleanup_dead_kills_unmounts_and_removes() {
         .spawn()
         .unwrap();
     let mut stranger = Command::new("sleep").arg("600").spawn().unwrap();
+    // spawn() returns once the child's exec has replaced its memory, but
+    // the kernel writes the new command line a moment later.
+    exec_finished(daemon.id());
     run.record_pid("qemu", daemon.id()).unwrap();
     run.record_pid("other", stranger.id()).unwrap();
     assert_eq!(

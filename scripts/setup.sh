@@ -2,13 +2,15 @@
 # Sets up Cocoon on a fresh Debian bookworm machine (as root) and runs the
 # demo: `uname -r` from inside a VM, beside the host's.
 #   - Debian packages: QEMU, containerd + runc, the build dependencies of
-#     virtiofsd, kmod/cpio for the guest image, busybox-static for the demo;
+#     virtiofsd, kmod/cpio for the guest image, the kernel source and its
+#     build dependencies for the Cocoon guest kernel, busybox-static for the demo;
 #     for the CRI tests: the CNI plugins, iptables, protoc (the CRI client's
 #     build), gcc and static libc (the offline pause image, `cocoon bench`'s
 #     I/O helper); a TrueType font for `cocoon bench --png`
 #   - the rust-vmm daemons virtiofsd and vhost-device-vsock (cargo install)
 #   - the Cocoon workspace (release), installed to /usr/local/bin
-#   - the guest image (/var/lib/cocoon/guest) and a default flavour
+#   - the guest image (/var/lib/cocoon/guest: the Cocoon kernel, built once
+#     and cached in /var/cache/cocoon/kernel, and Debian's cloud kernel) and a default flavour
 #     (/etc/cocoon/configuration.toml, if there is none)
 # Re-running it skips what is already done.
 set -euo pipefail
@@ -33,6 +35,7 @@ apt-get install -y -q --no-install-recommends \
   qemu-system-x86 containerd runc \
   libseccomp-dev libcap-ng-dev pkg-config \
   kmod cpio busybox-static procps ca-certificates \
+  linux-source-6.1 make bc bison flex libelf-dev libssl-dev xz-utils lz4 binutils perl \
   containernetworking-plugins iptables protobuf-compiler gcc libc6-dev curl \
   fonts-dejavu-core
 
@@ -56,6 +59,7 @@ cocoon image build --agent target/release/cocoon-agent --out /var/lib/cocoon/gue
 [ -e /etc/cocoon/configuration.toml ] || install -D -m 0644 configs/q35.toml /etc/cocoon/configuration.toml
 [ -e /etc/cocoon/microvm.toml ] || install -D -m 0644 configs/microvm.toml /etc/cocoon/microvm.toml
 [ -e /etc/cocoon/q35-tcg.toml ] || install -D -m 0644 configs/q35-tcg.toml /etc/cocoon/q35-tcg.toml
+[ -e /etc/cocoon/q35-debian.toml ] || install -D -m 0644 configs/q35-debian.toml /etc/cocoon/q35-debian.toml
 
 say "cocoon check"
 cocoon check

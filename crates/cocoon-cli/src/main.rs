@@ -49,7 +49,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Builds the guest kernel and initrd from the package registry.
+    /// Builds the guest kernels and initrds from Debian packages: the
+    /// Cocoon kernel (from linux-source, cached) and Debian's cloud kernel.
     Build {
         /// Output directory (the configuration's `guest.dir`).
         #[arg(long, default_value = cocoon_config::GuestConfig::DEFAULT_DIR)]
@@ -57,9 +58,23 @@ enum ImageCommand {
         /// The cocoon-agent binary; defaults to the one beside this binary.
         #[arg(long)]
         agent: Option<PathBuf>,
-        /// Debian kernel package (a meta package is resolved).
+        /// Debian kernel package for the image's `debian/` (a meta package
+        /// is resolved).
         #[arg(long, default_value = "linux-image-cloud-amd64")]
         kernel_package: String,
+        /// Leave the Debian kernel out (only the Cocoon kernel).
+        #[arg(long)]
+        no_debian: bool,
+        /// Kernel source tarball of the Cocoon kernel.
+        #[arg(long, default_value = image::kernel::DEFAULT_SOURCE)]
+        kernel_source: PathBuf,
+        /// Kernel config fragment applied on top of allnoconfig; defaults
+        /// to the one built into this binary (configs/kernel/cocoon-guest.config).
+        #[arg(long)]
+        kernel_config: Option<PathBuf>,
+        /// Where built Cocoon kernels are kept, by hash of their inputs.
+        #[arg(long, default_value = image::kernel::DEFAULT_CACHE)]
+        kernel_cache: PathBuf,
         /// Rebuild even if the inputs are unchanged.
         #[arg(long)]
         force: bool,
@@ -82,6 +97,10 @@ fn main() {
                     out,
                     agent,
                     kernel_package,
+                    no_debian,
+                    kernel_source,
+                    kernel_config,
+                    kernel_cache,
                     force,
                 },
         } => {
@@ -94,7 +113,10 @@ fn main() {
             match image::build(&image::BuildOptions {
                 out,
                 agent,
-                kernel_package,
+                debian_kernel: (!no_debian).then_some(kernel_package),
+                kernel_source,
+                kernel_config,
+                kernel_cache,
                 force,
             }) {
                 Ok(()) => 0,

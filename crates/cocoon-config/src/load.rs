@@ -175,8 +175,14 @@ mod tests {
         assert_eq!(c.hypervisor.machine, Machine::Microvm);
         assert_eq!(c.hypervisor.vcpus, 2);
         assert_eq!(c.hypervisor.memory_mib, 1024);
-        assert_eq!(c.guest.kernel, Path::new("/cfg/img/vmlinuz"));
+        assert_eq!(
+            c.guest.kernel,
+            Path::new("/cfg/img/vmlinux"),
+            "microvm boots PVH"
+        );
         assert_eq!(c.guest.initrd, Path::new("/cfg/img/initrd.img"));
+        let q = parse(p(), "[guest]\ndir = \"img\"\n").unwrap();
+        assert_eq!(q.guest.kernel, Path::new("/cfg/img/vmlinuz"));
     }
 
     #[test]

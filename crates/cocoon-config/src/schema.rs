@@ -131,7 +131,9 @@ impl HostSize {
 pub struct GuestConfig {
     /// The directory `cocoon image build` writes.
     pub dir: PathBuf,
-    /// Kernel image; defaults to `<dir>/vmlinuz`.
+    /// Kernel image; defaults to `<dir>/vmlinuz` (bzImage) on q35 and to
+    /// `<dir>/vmlinux` (the uncompressed kernel, booted through its PVH
+    /// entry) on microvm.
     pub kernel: PathBuf,
     /// Initrd; defaults to `<dir>/initrd.img`.
     pub initrd: PathBuf,
@@ -140,9 +142,17 @@ pub struct GuestConfig {
 impl GuestConfig {
     pub const DEFAULT_DIR: &'static str = "/var/lib/cocoon/guest";
 
-    fn in_dir(dir: PathBuf) -> Self {
+    /// The kernel image `cocoon image build` writes for `machine`.
+    pub fn kernel_file(machine: Machine) -> &'static str {
+        match machine {
+            Machine::Q35 => "vmlinuz",
+            Machine::Microvm => "vmlinux",
+        }
+    }
+
+    fn in_dir(dir: PathBuf, machine: Machine) -> Self {
         Self {
-            kernel: dir.join("vmlinuz"),
+            kernel: dir.join(Self::kernel_file(machine)),
             initrd: dir.join("initrd.img"),
             dir,
         }
@@ -151,7 +161,7 @@ impl GuestConfig {
 
 impl Default for GuestConfig {
     fn default() -> Self {
-        Self::in_dir(Self::DEFAULT_DIR.into())
+        Self::in_dir(Self::DEFAULT_DIR.into(), Machine::Q35)
     }
 }
 
@@ -368,7 +378,7 @@ impl RawConfig {
         };
 
         let g = self.guest;
-        let mut guest = GuestConfig::in_dir(g.dir.map(abs).unwrap_or(d.guest.dir));
+        let mut guest = GuestConfig::in_dir(g.dir.map(abs).unwrap_or(d.guest.dir), machine);
         if let Some(k) = g.kernel {
             guest.kernel = abs(k);
         }

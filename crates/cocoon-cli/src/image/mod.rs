@@ -1,8 +1,14 @@
-//! `cocoon image build`: a guest kernel and initrd from the package
-//! registry alone. The kernel is Debian's cloud kernel; the initrd holds
-//! `cocoon-agent` as `/init` (with the shared libraries it links), and the
-//! kernel modules the guest needs with their load order.
+//! `cocoon image build`: the guest kernels and initrds from Debian packages
+//! alone. The image directory holds
+//! - the Cocoon kernel, built from Debian's kernel source with everything
+//!   the guest needs built in ([`kernel`]): `vmlinuz` (bzImage, for q35) and
+//!   `vmlinux` (PVH entry, for microvm), and `initrd.img`: `cocoon-agent` as
+//!   `/init` with the shared libraries it links, and no modules;
+//! - unless left out, Debian's cloud kernel in `debian/`: its `vmlinuz` and
+//!   an `initrd.img` that also carries the modules the guest needs, with
+//!   their load order (`lib/modules/cocoon.load`, read by the agent).
 
+pub mod kernel;
 pub mod modules;
 
 use std::path::{Path, PathBuf};
@@ -12,13 +18,19 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 /// Version of the image layout; bump it when the builder's output changes.
-const LAYOUT: u32 = 1;
+const LAYOUT: u32 = 2;
 
 /// Inputs of a build; a rebuild with the same inputs is skipped.
 pub struct BuildOptions {
     pub out: PathBuf,
     pub agent: PathBuf,
-    pub kernel_package: String,
+    /// Debian kernel package for `debian/`; `None` leaves it out.
+    pub debian_kernel: Option<String>,
+    /// Kernel source tarball and config fragment of the Cocoon kernel.
+    pub kernel_source: PathBuf,
+    pub kernel_config: Option<PathBuf>,
+    /// Where built Cocoon kernels are cached.
+    pub kernel_cache: PathBuf,
     pub force: bool,
 }
 
@@ -96,59 +108,72 @@ fn copy_into(root: &Path, src: &Path, dest_rel: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the image into `opts.out` (kernel `vmlinuz`, `initrd.img`, `manifest.json`).
-pub fn build(opts: &BuildOptions) -> Result<()> {
-    const TOTAL: u32 = 6;
-    if !opts.agent.is_file() {
-        bail!(
-            "guest agent binary {} not found (build it: cargo build --release -p cocoon-agent)",
-            opts.agent.display()
-        );
-    }
-    step(
-        1,
-        TOTAL,
-        &format!("resolving kernel package {}", opts.kernel_package),
+/// Writes `root` (a directory tree) as a newc cpio to `dest`, replaced
+/// atomically.
+fn write_cpio(root: &Path, dest: &Path) -> Result<()> {
+    let tmp = dest.with_extension("img.tmp");
+    let script = format!(
+        "cd '{}' && find . -mindepth 1 -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible --quiet > '{}'",
+        root.display(),
+        tmp.display()
     );
-    let (pkg, version) = resolve_kernel_package(&opts.kernel_package)?;
-    let fingerprint = format!(
-        "layout {LAYOUT} kernel {pkg} {version} agent {} modules {}",
-        sha256_file(&opts.agent)?,
-        modules::WANTED.join(",")
-    );
-    let manifest_path = opts.out.join("manifest.json");
-    if !opts.force {
-        if let Ok(old) = std::fs::read_to_string(&manifest_path) {
-            let old: serde_json::Value = serde_json::from_str(&old).unwrap_or_default();
-            if old["fingerprint"] == fingerprint.as_str()
-                && opts.out.join("vmlinuz").is_file()
-                && opts.out.join("initrd.img").is_file()
-            {
-                eprintln!(
-                    "guest image in {} is up to date ({pkg} {version}); nothing to do",
-                    opts.out.display()
-                );
-                return Ok(());
-            }
-        }
-    }
+    run(Command::new("sh").arg("-c").arg(&script))?;
+    std::fs::rename(&tmp, dest)?;
+    Ok(())
+}
 
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
-    let work = opts.out.join(".build");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    step(2, TOTAL, &format!("downloading {pkg} {version}"));
+/// The initrd tree every image has: the agent as `/init`, its libraries,
+/// and an empty module list.
+fn initrd_tree(root: &Path, agent: &Path) -> Result<()> {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "etc",
+        "sbin",
+        "lib/modules",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    copy_into(root, agent, Path::new("init"))?;
+    // Debug info is for the host; the guest loads every byte of the initrd.
+    run(Command::new("strip").arg(root.join("init")))?;
+    for lib in shared_libraries(agent)? {
+        copy_into(root, &lib, lib.strip_prefix("/").unwrap())?;
+    }
+    std::fs::write(root.join("lib/modules/cocoon.load"), "")?;
+    std::fs::write(root.join("etc/hostname"), "cocoon\n")?;
+    Ok(())
+}
+
+/// What the Debian kernel part of the image was built from.
+struct DebianBuilt {
+    package: String,
+    version: String,
+    release: String,
+    modules: Vec<String>,
+}
+
+/// Debian's kernel `pkg` and an initrd with its modules, into `dest`.
+fn build_debian(
+    pkg: &str,
+    version: &str,
+    agent: &Path,
+    work: &Path,
+    dest: &Path,
+) -> Result<DebianBuilt> {
+    std::fs::create_dir_all(work)?;
     run(Command::new("apt-get")
         .arg("download")
-        .arg(&pkg)
-        .current_dir(&work))?;
-    let deb = std::fs::read_dir(&work)?
+        .arg(pkg)
+        .current_dir(work))?;
+    let deb = std::fs::read_dir(work)?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
-
-    step(3, TOTAL, "extracting kernel and modules");
     let tree = work.join("kernel");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
     let kver = std::fs::read_dir(tree.join("lib/modules"))?
@@ -169,22 +194,8 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
             missing.join(", ")
         );
     }
-
-    step(
-        4,
-        TOTAL,
-        &format!("assembling initrd: agent, {} modules", order.len()),
-    );
     let root = work.join("initrd");
-    for d in ["proc", "sys", "dev", "run", "tmp", "etc", "sbin"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    copy_into(&root, &opts.agent, Path::new("init"))?;
-    // Debug info is for the host; the guest loads every byte of the initrd.
-    run(Command::new("strip").arg(root.join("init")))?;
-    for lib in shared_libraries(&opts.agent)? {
-        copy_into(&root, &lib, lib.strip_prefix("/").unwrap())?;
-    }
+    initrd_tree(&root, agent)?;
     let mut list = String::new();
     for m in &order {
         let rel = Path::new("lib/modules").join(&kver).join(m);
@@ -192,32 +203,148 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
         list.push_str(&format!("/{}\n", rel.display()));
     }
     std::fs::write(root.join("lib/modules/cocoon.load"), list)?;
-    std::fs::write(root.join("etc/hostname"), "cocoon\n")?;
+    std::fs::create_dir_all(dest)?;
+    write_cpio(&root, &dest.join("initrd.img"))?;
+    std::fs::copy(&vmlinuz, dest.join("vmlinuz"))?;
+    Ok(DebianBuilt {
+        package: pkg.to_string(),
+        version: version.to_string(),
+        release: kver,
+        modules: order,
+    })
+}
 
-    step(5, TOTAL, "writing initrd.img (newc cpio)");
-    let initrd = opts.out.join("initrd.img.tmp");
-    let script = format!(
-        "cd '{}' && find . -mindepth 1 -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible --quiet > '{}'",
-        root.display(),
-        initrd.display()
+/// Builds the image into `opts.out` (see the module documentation) and
+/// its `manifest.json`; a no-op when the inputs are those of the image
+/// already there.
+pub fn build(opts: &BuildOptions) -> Result<()> {
+    const TOTAL: u32 = 5;
+    if !opts.agent.is_file() {
+        bail!(
+            "guest agent binary {} not found (build it: cargo build --release -p cocoon-agent)",
+            opts.agent.display()
+        );
+    }
+    step(1, TOTAL, "resolving inputs");
+    let fragment = match &opts.kernel_config {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("read kernel config fragment {}", p.display()))?,
+        None => kernel::FRAGMENT.to_string(),
+    };
+    let kernel_key = kernel::key(&fragment, &opts.kernel_source)?;
+    let debian = match &opts.debian_kernel {
+        Some(name) => Some(resolve_kernel_package(name)?),
+        None => None,
+    };
+    let fingerprint = format!(
+        "layout {LAYOUT} kernel {kernel_key} agent {} debian {}",
+        sha256_file(&opts.agent)?,
+        match &debian {
+            Some((pkg, version)) =>
+                format!("{pkg} {version} modules {}", modules::WANTED.join(",")),
+            None => "none".into(),
+        }
     );
-    run(Command::new("sh").arg("-c").arg(&script))?;
-    std::fs::rename(&initrd, opts.out.join("initrd.img"))?;
-    std::fs::copy(&vmlinuz, opts.out.join("vmlinuz"))?;
+    let manifest_path = opts.out.join("manifest.json");
+    let mut wanted_files = vec!["vmlinuz", "vmlinux", "initrd.img"];
+    if debian.is_some() {
+        wanted_files.extend(["debian/vmlinuz", "debian/initrd.img"]);
+    }
+    if !opts.force {
+        if let Ok(old) = std::fs::read_to_string(&manifest_path) {
+            let old: serde_json::Value = serde_json::from_str(&old).unwrap_or_default();
+            if old["fingerprint"] == fingerprint.as_str()
+                && wanted_files.iter().all(|f| opts.out.join(f).is_file())
+            {
+                eprintln!(
+                    "guest image in {} is up to date (kernel {}); nothing to do",
+                    opts.out.display(),
+                    old["kernel_release"].as_str().unwrap_or("?")
+                );
+                return Ok(());
+            }
+        }
+    }
 
-    step(6, TOTAL, "writing manifest.json");
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
+    let work = opts.out.join(".build");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+
+    step(
+        2,
+        TOTAL,
+        &format!(
+            "Cocoon kernel {kernel_key} ({} + {})",
+            opts.kernel_source.display(),
+            opts.kernel_config
+                .as_deref()
+                .map_or("configs/kernel/cocoon-guest.config".into(), |p| p
+                    .display()
+                    .to_string())
+        ),
+    );
+    let built = kernel::build(
+        &fragment,
+        &opts.kernel_source,
+        &opts.kernel_cache,
+        opts.force,
+    )?;
+
+    step(3, TOTAL, "assembling initrd.img: the agent, no modules");
+    let root = work.join("initrd");
+    initrd_tree(&root, &opts.agent)?;
+    write_cpio(&root, &opts.out.join("initrd.img"))?;
+    for (from, to) in [(&built.bzimage, "vmlinuz"), (&built.vmlinux, "vmlinux")] {
+        let tmp = opts.out.join(format!("{to}.tmp"));
+        std::fs::copy(from, &tmp)?;
+        std::fs::rename(&tmp, opts.out.join(to))?;
+    }
+
+    let debian_built = match &debian {
+        Some((pkg, version)) => {
+            step(
+                4,
+                TOTAL,
+                &format!("Debian kernel {pkg} {version} and its modules into debian/"),
+            );
+            Some(build_debian(
+                pkg,
+                version,
+                &opts.agent,
+                &work.join("debian"),
+                &opts.out.join("debian"),
+            )?)
+        }
+        None => {
+            step(4, TOTAL, "Debian kernel left out");
+            let _ = std::fs::remove_dir_all(opts.out.join("debian"));
+            None
+        }
+    };
+
+    step(5, TOTAL, "writing manifest.json");
     let manifest = serde_json::json!({
         "fingerprint": fingerprint,
-        "kernel_package": pkg,
-        "kernel_version": version,
-        "kernel_release": kver,
-        "modules": order,
+        "kernel_release": built.release,
+        "kernel_key": built.key,
+        "kernel_source": opts.kernel_source,
+        "debian": debian_built.as_ref().map(|d| serde_json::json!({
+            "kernel_package": d.package,
+            "kernel_version": d.version,
+            "kernel_release": d.release,
+            "modules": d.modules,
+        })),
     });
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)?)?;
     std::fs::remove_dir_all(&work)?;
     eprintln!(
-        "guest image written to {} (kernel {kver})",
-        opts.out.display()
+        "guest image written to {} (kernel {}{})",
+        opts.out.display(),
+        built.release,
+        debian_built
+            .as_ref()
+            .map_or(String::new(), |d| format!("; debian/: {}", d.release))
     );
     Ok(())
 }

@@ -206,6 +206,10 @@ mod tests {
             "CONFIG_HOTPLUG_CPU",
             "CONFIG_SECCOMP_FILTER",
             "CONFIG_MEMCG",
+            // libcontainer's v2 stats need memory.swap.* and *.pressure.
+            "CONFIG_SWAP",
+            "CONFIG_PSI",
+            "CONFIG_DMIID",
         ] {
             assert_eq!(s.get(k), Some(&"y"), "{k}");
         }

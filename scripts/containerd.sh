@@ -69,6 +69,20 @@ dir = "$guest"
 $runtime
 TOML
   done
+  # Debian's kernel, where the image has it: for comparisons (bench.sh).
+  if [ -e "$guest/debian/vmlinuz" ]; then
+    cat > "$dir/flavours/q35-debian.toml" <<TOML
+[hypervisor]
+machine = "q35"
+boot_timeout_secs = 60
+
+[guest]
+dir = "$guest"
+kernel = "$guest/debian/vmlinuz"
+initrd = "$guest/debian/initrd.img"
+$runtime
+TOML
+  fi
   # containerd's CRI adds the loopback network itself (from bin_dir).
   cat > "$dir/cni/net.d/10-cocoon.conflist" <<JSON
 {

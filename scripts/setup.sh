@@ -8,7 +8,8 @@
 #     build), gcc and static libc (the offline pause image, `cocoon bench`'s
 #     I/O helper); a TrueType font for `cocoon bench --png`
 #   - the rust-vmm daemons virtiofsd and vhost-device-vsock (cargo install)
-#   - the Cocoon workspace (release), installed to /usr/local/bin
+#   - the Cocoon workspace (release), installed to /usr/local/bin, and the
+#     guest agent (static, size-optimised: scripts/build-agent.sh)
 #   - the guest image (/var/lib/cocoon/guest: the Cocoon kernel, built once
 #     and cached in /var/cache/cocoon/kernel, and Debian's cloud kernel) and a default flavour
 #     (/etc/cocoon/configuration.toml, if there is none)
@@ -49,12 +50,15 @@ cargo install --list | grep -qF "vhost-device-vsock v0.3.0 ($vsock_src):" ||
   cargo install --locked --force --path "$vsock_src"
 for b in virtiofsd vhost-device-vsock; do install -m 0755 "$cargo_bin/$b" /usr/local/bin/$b; done
 
-say "Cocoon (cargo build --release)"
+say "Cocoon (cargo build --release; the guest agent: scripts/build-agent.sh)"
 cargo build --release --locked --workspace
-for b in cocoon cocoon-agent containerd-shim-cocoon-v2; do install -m 0755 target/release/$b /usr/local/bin/$b; done
+for b in cocoon containerd-shim-cocoon-v2; do install -m 0755 target/release/$b /usr/local/bin/$b; done
+# The guest's agent: static and size-optimised (scripts/build-agent.sh).
+agent=$(bash scripts/build-agent.sh)
+install -m 0755 "$agent" /usr/local/bin/cocoon-agent
 
 say "guest image"
-cocoon image build --agent target/release/cocoon-agent --out /var/lib/cocoon/guest
+cocoon image build --agent "$agent" --out /var/lib/cocoon/guest
 
 [ -e /etc/cocoon/configuration.toml ] || install -D -m 0644 configs/q35.toml /etc/cocoon/configuration.toml
 [ -e /etc/cocoon/microvm.toml ] || install -D -m 0644 configs/microvm.toml /etc/cocoon/microvm.toml

@@ -13,8 +13,9 @@ export COCOON_GUEST_DIR="${COCOON_GUEST_DIR:-/var/lib/cocoon/guest}"
 export COCOON_TEST_KERNEL="${COCOON_TEST_KERNEL:-$COCOON_GUEST_DIR/vmlinuz}"
 
 cargo build --release --locked --workspace
+agent=$(bash scripts/build-agent.sh)
 # The tests boot the image: rebuild it if the agent changed (else a no-op).
-target/release/cocoon image build --agent target/release/cocoon-agent --out "$COCOON_GUEST_DIR"
+target/release/cocoon image build --agent "$agent" --out "$COCOON_GUEST_DIR"
 bash scripts/busybox-oci.sh build/busybox-oci.tar > /dev/null
 
 ctd=$(mktemp -d /tmp/cocoon-containerd.XXXXXX)

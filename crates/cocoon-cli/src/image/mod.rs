@@ -221,7 +221,7 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     const TOTAL: u32 = 5;
     if !opts.agent.is_file() {
         bail!(
-            "guest agent binary {} not found (build it: cargo build --release -p cocoon-agent)",
+            "guest agent binary {} not found (build it: scripts/build-agent.sh)",
             opts.agent.display()
         );
     }

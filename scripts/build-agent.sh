@@ -3,8 +3,8 @@
 # statically linked (glibc and libseccomp included, so the initrd holds no
 # shared libraries) and optimised for size (Cargo profile `guest`: opt-level
 # "s", fat LTO, one codegen unit, stripped). Every byte of it is in each
-# pod's initrd, loaded and paged in by the guest at boot; docs/kernel.md has
-# what it saves. Arguments go to cargo (e.g. --offline).
+# pod's initrd, loaded and paged in by the guest at boot; docs/kernel.md
+# ("Figures") has what it saves. Arguments go to cargo (e.g. --offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-gnu
@@ -14,4 +14,4 @@ LIBSECCOMP_LINK_TYPE=static \
 LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --locked --profile guest -p cocoon-agent --target "$target" "$@" >&2
-echo "$PWD/target/$target/guest/cocoon-agent"
+echo "${CARGO_TARGET_DIR:-$PWD/target}/$target/guest/cocoon-agent"

@@ -5,7 +5,9 @@
 #   - runtime handlers `cocoon` (q35 flavour), `cocoon-microvm` (microvm
 #     flavour) and `runc` (the baseline); the flavours boot the guest image
 #     in $COCOON_GUEST_DIR (default /var/lib/cocoon/guest), and the q35 one
-#     is the default of tasks that name none ($COCOON_CONF_FILE);
+#     is the default of tasks that name none ($COCOON_CONF_FILE); a
+#     q35-debian flavour file (Debian's kernel) when the image has it, for
+#     scripts/bench.sh;
 #   - a private CNI network: bridge $COCOON_CNI_BRIDGE (cni-cocoon0) on
 #     $COCOON_CNI_SUBNET (10.89.66.0/24), masquerade, portmap, firewall, its
 #     leases in DIR (the plugins come from /usr/lib/cni);
@@ -75,6 +77,8 @@ TOML
 [hypervisor]
 machine = "q35"
 boot_timeout_secs = 60
+max_vcpus = 4
+max_memory_mib = 4096
 
 [guest]
 dir = "$guest"

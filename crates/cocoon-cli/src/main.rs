@@ -63,7 +63,7 @@ enum ImageCommand {
         #[arg(long, default_value = "linux-image-cloud-amd64")]
         kernel_package: String,
         /// Leave the Debian kernel out (only the Cocoon kernel).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kernel_package")]
         no_debian: bool,
         /// Kernel source tarball of the Cocoon kernel.
         #[arg(long, default_value = image::kernel::DEFAULT_SOURCE)]
@@ -75,7 +75,8 @@ enum ImageCommand {
         /// Where built Cocoon kernels are kept, by hash of their inputs.
         #[arg(long, default_value = image::kernel::DEFAULT_CACHE)]
         kernel_cache: PathBuf,
-        /// Rebuild even if the inputs are unchanged.
+        /// Rebuild even if the inputs are unchanged, the Cocoon kernel too
+        /// (minutes; without it a cached kernel is reused).
         #[arg(long)]
         force: bool,
     },

@@ -252,6 +252,42 @@ fn uname_is_the_guest_kernel() {
 
 #[test]
 #[ignore = "boots a VM: run by scripts/test.sh"]
+fn debian_kernel_flavour_boots_with_its_modules() {
+    // The image's debian/: Debian's kernel, whose drivers the agent loads
+    // from the initrd (configs/q35-debian.toml).
+    let debian = guest_dir().join("debian");
+    assert!(
+        debian.join("vmlinuz").is_file(),
+        "no Debian kernel in {} (cocoon image build without --no-debian)",
+        debian.display()
+    );
+    let w = World::with(
+        "",
+        &format!(
+            "kernel = {:?}\ninitrd = {:?}\n",
+            debian.join("vmlinuz"),
+            debian.join("initrd.img")
+        ),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(guest_dir().join("manifest.json")).unwrap())
+            .unwrap();
+    let release = manifest["debian"]["kernel_release"].as_str().unwrap();
+    let o = w.run(&["sh", "-c", "uname -r; cat /proc/modules"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().next(), Some(release), "{out}");
+    // The share and the agent's channel work only through modules here.
+    for m in ["virtiofs", "vmw_vsock_virtio_transport"] {
+        assert!(
+            out.lines().any(|l| l.split_whitespace().next() == Some(m)),
+            "module {m} not loaded: {out}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "boots a VM: run by scripts/test.sh"]
 fn microvm_flavour_runs() {
     let w = World::new("machine = \"microvm\"\nmemory_mib = 384\n");
     let o = w.run(&["sh", "-c", "grep MemTotal /proc/meminfo"]);

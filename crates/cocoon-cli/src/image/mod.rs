@@ -11,6 +11,7 @@
 pub mod kernel;
 pub mod modules;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -39,6 +40,19 @@ fn step(n: u32, total: u32, what: &str) {
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            // A killed build takes its tar or make with it (a Ctrl-C
+            // reaches the whole process group anyway); what they left is
+            // swept by the next build.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -108,6 +122,18 @@ fn copy_into(root: &Path, src: &Path, dest_rel: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Replaces `dest` with a copy of `src` in one rename: a VM starting
+/// meanwhile boots the old file or the new one, never half of one.
+fn replace_with_copy(src: &Path, dest: &Path) -> Result<()> {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dest.with_file_name(name);
+    std::fs::copy(src, &tmp)
+        .with_context(|| format!("copy {} to {}", src.display(), tmp.display()))?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("rename to {}", dest.display()))?;
+    Ok(())
+}
+
 /// Writes `root` (a directory tree) as a newc cpio to `dest`, replaced
 /// atomically.
 fn write_cpio(root: &Path, dest: &Path) -> Result<()> {
@@ -140,7 +166,15 @@ fn initrd_tree(root: &Path, agent: &Path) -> Result<()> {
     copy_into(root, agent, Path::new("init"))?;
     // Debug info is for the host; the guest loads every byte of the initrd.
     run(Command::new("strip").arg(root.join("init")))?;
-    for lib in shared_libraries(agent)? {
+    let libraries = shared_libraries(agent)?;
+    if !libraries.is_empty() {
+        eprintln!(
+            "      note: {} is dynamically linked: its {} shared libraries go into the initrd too (scripts/build-agent.sh builds it static and smaller)",
+            agent.display(),
+            libraries.len()
+        );
+    }
+    for lib in libraries {
         copy_into(root, &lib, lib.strip_prefix("/").unwrap())?;
     }
     std::fs::write(root.join("lib/modules/cocoon.load"), "")?;
@@ -203,9 +237,9 @@ fn build_debian(
         list.push_str(&format!("/{}\n", rel.display()));
     }
     std::fs::write(root.join("lib/modules/cocoon.load"), list)?;
-    std::fs::create_dir_all(dest)?;
+    std::fs::create_dir_all(dest).with_context(|| format!("create {}", dest.display()))?;
     write_cpio(&root, &dest.join("initrd.img"))?;
-    std::fs::copy(&vmlinuz, dest.join("vmlinuz"))?;
+    replace_with_copy(&vmlinuz, &dest.join("vmlinuz"))?;
     Ok(DebianBuilt {
         package: pkg.to_string(),
         version: version.to_string(),
@@ -267,25 +301,35 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     }
 
     std::fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
+    // The files are replaced one by one: until the new manifest is
+    // written, the image is nobody's (an interrupted build is redone).
+    match std::fs::remove_file(&manifest_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove {}", manifest_path.display()));
+        }
+        _ => {}
+    }
     let work = opts.out.join(".build");
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
 
+    let fragment_name = opts
+        .kernel_config
+        .as_deref()
+        .map_or("configs/kernel/cocoon-guest.config".into(), |p| {
+            p.display().to_string()
+        });
     step(
         2,
         TOTAL,
         &format!(
-            "Cocoon kernel {kernel_key} ({} + {})",
+            "Cocoon kernel {kernel_key} ({} + {fragment_name})",
             opts.kernel_source.display(),
-            opts.kernel_config
-                .as_deref()
-                .map_or("configs/kernel/cocoon-guest.config".into(), |p| p
-                    .display()
-                    .to_string())
         ),
     );
     let built = kernel::build(
         &fragment,
+        &fragment_name,
         &opts.kernel_source,
         &opts.kernel_cache,
         opts.force,
@@ -295,11 +339,8 @@ pub fn build(opts: &BuildOptions) -> Result<()> {
     let root = work.join("initrd");
     initrd_tree(&root, &opts.agent)?;
     write_cpio(&root, &opts.out.join("initrd.img"))?;
-    for (from, to) in [(&built.bzimage, "vmlinuz"), (&built.vmlinux, "vmlinux")] {
-        let tmp = opts.out.join(format!("{to}.tmp"));
-        std::fs::copy(from, &tmp)?;
-        std::fs::rename(&tmp, opts.out.join(to))?;
-    }
+    replace_with_copy(&built.bzimage, &opts.out.join("vmlinuz"))?;
+    replace_with_copy(&built.vmlinux, &opts.out.join("vmlinux"))?;
 
     let debian_built = match &debian {
         Some((pkg, version)) => {

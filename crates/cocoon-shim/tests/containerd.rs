@@ -170,11 +170,13 @@ fn run_rm_exit_code() {
     let o = run_rm(
         "e2e-exit3",
         &[],
-        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+        &["sh", "-c", "echo out $HOME; echo err >&2; exit 3"],
     );
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{err}");
-    assert_eq!(out, "out\n");
+    // The spec has no HOME: the runtime takes root's from the image's
+    // /etc/passwd.
+    assert_eq!(out, "out /root\n");
     assert!(err.contains("err"), "{err}");
     assert_no_leftovers("e2e-exit3");
 }
@@ -185,9 +187,24 @@ fn exec_ps_pause_resume_metrics() {
     let t = Task::start("e2e-life", &[], &["sleep", "1000"]);
     t.wait_status("RUNNING");
 
-    let o = t.exec("x1", &["sh", "-c", "echo exec-out; exit 5"]);
+    let o = t.exec("x1", &["sh", "-c", "echo exec-out $HOME; exit 5"]);
     assert_eq!(o.status.code(), Some(5), "{:?}", text(&o));
-    assert_eq!(text(&o).0, "exec-out\n");
+    assert_eq!(text(&o).0, "exec-out /root\n");
+    // A uid the image's /etc/passwd does not list gets no HOME.
+    let o = ctr(&[
+        "task",
+        "exec",
+        "--user",
+        "1000",
+        "--exec-id",
+        "x1u",
+        "e2e-life",
+        "sh",
+        "-c",
+        "echo $(id -u) ${HOME-unset}",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(text(&o).0, "1000 unset\n");
 
     // A duplicate exec id is refused with AlreadyExists.
     let long = Command::new("ctr")

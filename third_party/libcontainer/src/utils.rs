@@ -139,12 +139,79 @@ pub fn get_unix_user(uid: Uid) -> Option<User> {
     User::from_uid(uid).unwrap_or_default()
 }
 
+/// The largest `/etc/passwd` [`get_user_home`] reads; a larger one is refused.
+const PASSWD_MAX_BYTES: u64 = 4 << 20;
+/// The longest `/etc/passwd` line [`passwd_home`] considers; a longer one is skipped.
+const PASSWD_MAX_LINE: usize = 8 << 10;
+
 /// Get home path of a User via UID.
+///
+/// Reads `/etc/passwd` of the current root (the container's, once the init
+/// process has pivoted into it) with [`passwd_home`] rather than asking NSS,
+/// as runc does: NSS (`getpwuid_r`) would load the services named in the
+/// image's `nsswitch.conf` from the image's own libc, which a statically
+/// linked runtime cannot host. A missing, unreadable, non-regular or
+/// oversized file gives `None`, as does a uid without an entry.
 pub fn get_user_home(uid: u32) -> Option<PathBuf> {
-    match get_unix_user(Uid::from_raw(uid)) {
-        Some(user) => Some(user.dir),
-        None => None,
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    const PASSWD: &str = "/etc/passwd";
+    // O_NONBLOCK: the image is untrusted, and opening a FIFO put in place of
+    // the file must not block the container's start.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(PASSWD)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        tracing::warn!(path = PASSWD, "not a regular file, HOME left unset");
+        return None;
     }
+    let mut contents = Vec::new();
+    file.take(PASSWD_MAX_BYTES + 1)
+        .read_to_end(&mut contents)
+        .ok()?;
+    if contents.len() as u64 > PASSWD_MAX_BYTES {
+        tracing::warn!(
+            path = PASSWD,
+            limit = PASSWD_MAX_BYTES,
+            "file too large, HOME left unset"
+        );
+        return None;
+    }
+    passwd_home(&contents, uid)
+}
+
+/// The home directory of `uid` in `passwd`, the contents of a passwd(5)
+/// file (`name:password:uid:gid:gecos:home:shell` a line).
+///
+/// Blank lines, comments (`#`), lines without exactly seven fields or with
+/// a uid that is not a decimal number, and lines longer than
+/// `PASSWD_MAX_LINE` are skipped. The first entry for `uid` wins; if its
+/// home field is empty the result is `None`.
+fn passwd_home(passwd: &[u8], uid: u32) -> Option<PathBuf> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    passwd
+        .split(|&b| b == b'\n')
+        .filter(|line| line.len() <= PASSWD_MAX_LINE)
+        .map(<[u8]>::trim_ascii)
+        .filter(|line| !line.is_empty() && !line.starts_with(b"#"))
+        .find_map(|line| {
+            let fields: Vec<&[u8]> = line.split(|&b| b == b':').collect();
+            let [_name, _password, line_uid, _gid, _gecos, home, _shell] = fields[..] else {
+                return None;
+            };
+            if line_uid.is_empty() || !line_uid.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let line_uid: u32 = std::str::from_utf8(line_uid).ok()?.parse().ok()?;
+            (line_uid == uid).then_some(home)
+        })
+        .filter(|home| !home.is_empty())
+        .map(|home| PathBuf::from(OsStr::from_bytes(home)))
 }
 
 /// If None, it will generate a default path for cgroups.
@@ -428,6 +495,9 @@ mod tests {
     use oci_spec::runtime::{LinuxBuilder, LinuxNamespaceBuilder, LinuxNetDevice, SpecBuilder};
     use serial_test::serial;
 
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
     use super::*;
     use crate::syscall::syscall::create_syscall;
     use crate::test_utils;
@@ -450,6 +520,67 @@ mod tests {
         // for a non-exist UID
         let dir = get_user_home(1000000000);
         assert!(dir.is_none());
+    }
+
+    #[test]
+    fn test_passwd_home() {
+        let passwd = b"root:x:0:0:root:/root:/bin/sh\n\
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+alice:x:1000:1000:Alice,,,:/home/alice:/bin/bash";
+        assert_eq!(passwd_home(passwd, 0), Some(PathBuf::from("/root")));
+        assert_eq!(passwd_home(passwd, 1), Some(PathBuf::from("/usr/sbin")));
+        // The last line needs no newline.
+        assert_eq!(
+            passwd_home(passwd, 1000),
+            Some(PathBuf::from("/home/alice"))
+        );
+    }
+
+    #[test]
+    fn test_passwd_home_missing_uid() {
+        let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+        assert_eq!(passwd_home(passwd, 1000), None);
+        assert_eq!(passwd_home(b"", 0), None);
+    }
+
+    #[test]
+    fn test_passwd_home_malformed_lines() {
+        let long_gecos = "g".repeat(PASSWD_MAX_LINE);
+        let passwd = format!(
+            "# comment:x:7:7::/comment:/bin/sh\n\
+             \n\
+             short:x:7:7:/short\n\
+             long:x:7:7:a:b:/long:/bin/sh\n\
+             notnum:x:+7:7::/plus:/bin/sh\n\
+             nouid:x::7::/nouid:/bin/sh\n\
+             big:x:4294967303:7::/overflow:/bin/sh\n\
+             huge:x:7:7:{long_gecos}:/huge:/bin/sh\n\
+             +::::::\n\
+             \t user:x:7:7::/home/user:/bin/sh \r\n"
+        );
+        assert_eq!(
+            passwd_home(passwd.as_bytes(), 7),
+            Some(PathBuf::from("/home/user"))
+        );
+        // Bytes that are not UTF-8 in other fields or in the home are kept.
+        let passwd = b"\xff:x:7:7:\xfe:/home/\xfd:/bin/sh\n";
+        assert_eq!(
+            passwd_home(passwd, 7),
+            Some(PathBuf::from(OsStr::from_bytes(b"/home/\xfd")))
+        );
+    }
+
+    #[test]
+    fn test_passwd_home_duplicate_uid() {
+        let passwd = b"toor:x:0:0::/first:/bin/sh\nroot:x:0:0::/second:/bin/sh\n";
+        assert_eq!(passwd_home(passwd, 0), Some(PathBuf::from("/first")));
+    }
+
+    #[test]
+    fn test_passwd_home_empty_home() {
+        // The first entry wins even when its home is empty.
+        let passwd = b"nohome:x:5:5:::/bin/sh\nlater:x:5:5::/later:/bin/sh\n";
+        assert_eq!(passwd_home(passwd, 5), None);
     }
 
     #[test]

@@ -308,21 +308,26 @@ class Probe:
         return [fs, vs]
 
 
+def connect_unix(path, proc, timeout, what):
+    """Connects to the Unix socket `path` that `proc` is about to create."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no {what} socket {path}")
+            time.sleep(0.002)
+
+
 class Console:
     """The guest's serial console through QEMU's socket chardev."""
 
     def __init__(self, path, proc, timeout=10):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"no console socket {path}")
-                time.sleep(0.002)
+        self.sock = connect_unix(path, proc, timeout, "console")
         self.buf = b""
         self.cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -368,17 +373,7 @@ class Console:
 
 class Qmp:
     def __init__(self, path, proc, timeout=10):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"no QMP socket {path}")
-                time.sleep(0.002)
+        self.sock = connect_unix(path, proc, timeout, "QMP")
         self.f = self.sock.makefile("rwb")
         self.events = []
         json.loads(self.f.readline())
